@@ -1,0 +1,4 @@
+"""deepjax: DeepSeek-style Mixture-of-Experts language models in JAX / Flax NNX."""
+
+from deepjax.config import ModelConfig
+from deepjax.model import DeepSeek, ModelOutput, RouterStats

@@ -1,0 +1,55 @@
+"""Routed experts stored stacked as [E, ...] arrays, and the three ways to dispatch to them.
+
+`dense`: every expert on every token, combined by the (mostly zero) gate matrix; simple, exact,
+for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
+copies of the tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot,
+or pallas_kernels.gmm), then put back in token order and summed with their gates.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from deepjax.config import ModelConfig
+from deepjax.model.layers import param
+
+
+def grouped_matmul_fn(impl: str):
+  return pk.gmm if impl == "pallas" else pk.reference.gmm
+
+
+class RoutedExperts(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    pdt, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.gate_proj = param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pdt, std)
+    self.up_proj = param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pdt, std)
+    self.down_proj = param(rngs, (e, i, h), ("expert", "expert_mlp", "embed"), pdt, std)
+
+  def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
+    """x [N, H], gates weights [N, K] and expert ids [N, K] -> sum_k g_k FFN_{e_k}(x) [N, H]."""
+    dt = jnp.dtype(self.cfg.dtype)
+    x = x.astype(dt)
+    wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+    if self.cfg.moe_impl == "dense":
+      return self._dense(x, weights, experts, wg, wu, wd)
+    return self._sorted(x, weights, experts, wg, wu, wd)
+
+  def _dense(self, x, weights, experts, wg, wu, wd):
+    n, e = x.shape[0], wg.shape[0]
+    gates = jnp.zeros((n, e), weights.dtype).at[jnp.arange(n)[:, None], experts].add(weights)
+    h = jax.nn.silu(jnp.einsum("nd,edi->nei", x, wg)) * jnp.einsum("nd,edi->nei", x, wu)
+    y = jnp.einsum("nei,eid->ned", h, wd)
+    return jnp.einsum("ned,ne->nd", y, gates.astype(y.dtype))
+
+  def _sorted(self, x, weights, experts, wg, wu, wd):
+    n, k = experts.shape
+    gmm = grouped_matmul_fn(self.cfg.moe_impl)
+    order, group_sizes, inverse = pk.sort_by_expert(experts, wg.shape[0])
+    rows = x[order // k]                                       # [N*K, H], grouped by expert
+    h = jax.nn.silu(gmm(rows, wg, group_sizes)) * gmm(rows, wu, group_sizes)
+    y = gmm(h, wd, group_sizes)[inverse].reshape(n, k, -1)    # back to (token, slot) order
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype))

@@ -1,0 +1,48 @@
+"""DeepSeekMoE layer (V2 eq. 5, V3 eq. 12): shared experts + top-k of fine-grained routed experts.
+
+Also returns the per-row routing statistics the balance losses and the bias update need.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepjax.config import ModelConfig
+from deepjax.model.experts import RoutedExperts
+from deepjax.model.mlp import MLP
+from deepjax.model.router import Router
+
+
+@flax.struct.dataclass
+class RouterStats:
+  """Per MoE layer and batch row (stacked [L, B, E] by the model).
+
+  counts: how many of the row's tokens chose each expert (load; sums to T*K per row).
+  affinity: sum over the row's tokens of s_{i,t} / sum_j s_{j,t} (V3 eq. 19's numerator terms).
+  """
+  counts: jax.Array
+  affinity: jax.Array
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.gate = Router(cfg, rngs=rngs)
+    self.experts = RoutedExperts(cfg, rngs=rngs)
+    self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                              rngs=rngs) if cfg.n_shared_experts > 0 else None
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
+    b, t, h = x.shape
+    flat = x.reshape(b * t, h)
+    routing = self.gate(flat)
+    y = self.experts(flat, routing.weights, routing.experts).reshape(b, t, h).astype(x.dtype)
+    if self.shared_experts is not None:
+      y = y + self.shared_experts(x)
+    e = routing.scores.shape[-1]
+    rows = jnp.repeat(jnp.arange(b), t * routing.experts.shape[-1])
+    counts = jnp.zeros((b, e), jnp.float32).at[rows, routing.experts.reshape(-1)].add(1.0)
+    normalised = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
+    affinity = jnp.sum(normalised.reshape(b, t, e), axis=1)
+    return y, RouterStats(counts=counts, affinity=affinity)
