@@ -2,3 +2,4 @@
 
 from deepjax.config import ModelConfig
 from deepjax.model import DeepSeek, ModelOutput, RouterStats
+from deepjax.checkpoint.hf import load_hf, save_hf

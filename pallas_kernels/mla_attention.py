@@ -331,13 +331,13 @@ def _bwd(c, qs, ks, v, q_seg, kv_seg, o, lse, do):
   args = (qs, ks, v, do, lse, delta, q_seg, kv_seg)
 
   bq, bk = c.blocks.block_q, c.blocks.block_k
-  dqs = _call(
+  (dqs,) = _call(
       functools.partial(_dq_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
       in_specs=[tuple(_by_block(bq, x.shape[-1]) for x in qs), tuple(_whole(x) for x in ks),
                 _whole(v), _by_block(bq, do.shape[-1]), _by_block(bq, 1), _by_block(bq, 1),
                 *_seg_specs(q_seg, kv_seg, bq, None)],
-      out_specs=tuple(_by_block(bq, x.shape[-1]) for x in qs),
-      out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qs),
+      out_specs=(tuple(_by_block(bq, x.shape[-1]) for x in qs),),
+      out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qs),),
       args=args, name="mla_attention_dq")
 
   bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd

@@ -1,0 +1,196 @@
+"""Fused DeepSeekMoE router (Pallas): scores, group-limited top-k, gather and normalise.
+
+One kernel per block of tokens [block_n, E], the whole routing of DeepSeek-V3 §2.1.2:
+
+  s_i  = sigmoid(u^T e_i)                                  (V3 eq. 15; V2 eq. 11: softmax)
+  g'_i = s_i  if s_i + b_i in TopK({s_j + b_j}, K), else 0 (V3 eq. 13 with the eq. 16 bias)
+  g_i  = g'_i / sum_j g'_j                                 (V3 eq. 12, when norm_topk_prob)
+  out  = g_i * routed_scaling_factor
+
+restricted to the best `topk_group` of `n_group` expert groups (group score: the sum of the
+top-2 biased scores for sigmoid, as in transformers' DeepseekV3; the max for softmax, V2's
+group-limited greedy). Top-k is k rounds of (max, lowest index attaining it, take it out),
+so ties break towards the lower index exactly as jax.lax.top_k does; every comparison runs
+on the same float32 values as the reference, so the chosen experts are identical.
+"""
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import platform
+
+try:  # Triton: the portable GPU lowering of pallas_call (deprecated in JAX 0.11, still there).
+  from jax.experimental.pallas import triton as _pltriton
+except ImportError:  # pragma: no cover
+  _pltriton = None
+
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeRouteBlockSizes:
+  """Tiling of `moe_route`.
+
+  block_n: tokens per program; a power of two on GPU, a multiple of 8 on TPU.
+  num_warps, num_stages: Triton compiler parameters (GPU only).
+  """
+  block_n: int = 256
+  num_warps: int = 4
+  num_stages: int = 1
+
+  @classmethod
+  def get_default(cls, backend: str | None = None) -> "MoeRouteBlockSizes":
+    backend = backend or platform.backend()
+    if backend == "gpu":   # several [block_n, 256] float32 tiles live in registers
+      return cls(block_n=16, num_warps=4)
+    return cls()
+
+
+def _load(ref, valid, masked_load):
+  """ref[...] as float32 with invalid entries zeroed (tail rows, padded experts).
+
+  Interpret mode pads out-of-bounds reads with NaN and TPU with garbage: select them away.
+  Triton does not clip block reads at the array end: mask the load itself.
+  """
+  if masked_load:
+    x = _pltriton.load(ref, mask=valid, other=0)
+  else:
+    x = jnp.where(valid, ref[...], 0)
+  return x.astype(jnp.float32)
+
+
+def _argmax_lowest(x, candidates, cols):
+  """Per row, the lowest column index among `candidates` where x is maximal (as float32)."""
+  best = jnp.max(jnp.where(candidates, x, _NEG_INF), axis=1, keepdims=True)
+  hit = candidates & (x == best)
+  return best, jnp.min(jnp.where(hit, cols, float(x.shape[1])), axis=1, keepdims=True)
+
+
+def _route_kernel(*refs, n, e, top_k, n_group, topk_group, score_fn, norm_topk_prob,
+                  routed_scaling_factor, has_bias, masked_load):
+  if has_bias:
+    logits_ref, bias_ref, weights_ref, experts_ref = refs
+  else:
+    logits_ref, weights_ref, experts_ref = refs
+  block_n, e_pad = logits_ref.shape
+  rows = pl.program_id(0) * block_n + lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
+  cols_i = lax.broadcasted_iota(jnp.int32, (1, e_pad), 1)
+  cols = cols_i.astype(jnp.float32)   # indices as float32: float reductions lower everywhere
+  real = cols_i < e                    # padded experts (GPU: E rounded up to a power of two)
+
+  logits = _load(logits_ref, (rows < n) & real, masked_load)
+  logits = jnp.where(real, logits, _NEG_INF)
+  if score_fn == "sigmoid":                                     # V3 eq. 15
+    scores = jax.nn.sigmoid(logits)
+  else:                                                         # V2 eq. 11, as jax.nn.softmax
+    unnormalized = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+    scores = unnormalized / jnp.sum(unnormalized, axis=1, keepdims=True)
+  choice = scores
+  if has_bias:                                                  # V3 eq. 16: choose on s + b
+    choice = scores + _load(bias_ref, real, masked_load)
+  choice = jnp.where(real, choice, _NEG_INF)
+
+  if n_group > 1:   # keep the experts of the best topk_group groups only
+    group_of_col = cols_i // (e // n_group)
+    members = [group_of_col == g for g in range(n_group)]
+    group_scores = []
+    for member in members:
+      top1, first = _argmax_lowest(choice, member, cols)
+      if score_fn == "sigmoid":   # sum of the group's top-2 (a repeated max counts twice)
+        top2, _ = _argmax_lowest(choice, member & (cols != first), cols)
+        group_scores.append(top1 + top2)
+      else:                       # the group's max
+        group_scores.append(top1)
+    kept = [jnp.zeros((block_n, 1), jnp.bool_) for _ in range(n_group)]
+    for _ in range(topk_group):   # top-k over groups, lowest group index on ties
+      best = functools.reduce(jnp.maximum, [jnp.where(k, _NEG_INF, s)
+                                            for k, s in zip(kept, group_scores)])
+      found = jnp.zeros((block_n, 1), jnp.bool_)
+      for g in range(n_group):
+        pick = ~kept[g] & ~found & (group_scores[g] == best)
+        kept[g] |= pick
+        found |= pick
+    keep = functools.reduce(jnp.logical_or, [k & m for k, m in zip(kept, members)])
+    choice = jnp.where(keep, choice, _NEG_INF)
+
+  # Top-k (V3 eq. 13): k rounds of max, lowest index attaining it, take it out.
+  k_pad = weights_ref.shape[1]
+  slot = lax.broadcasted_iota(jnp.int32, (1, k_pad), 1)
+  taken = jnp.zeros((block_n, e_pad), jnp.bool_)
+  weights = jnp.zeros((block_n, k_pad), jnp.float32)
+  experts = jnp.zeros((block_n, k_pad), jnp.float32)
+  for r in range(top_k):
+    _, idx = _argmax_lowest(choice, ~taken, cols)
+    hit = cols == idx
+    weight = jnp.sum(jnp.where(hit, scores, 0.0), axis=1, keepdims=True)   # gather s_idx
+    taken |= hit
+    weights = jnp.where(slot == r, weight, weights)
+    experts = jnp.where(slot == r, idx, experts)
+  if norm_topk_prob:                                            # V3 eq. 12
+    weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + 1e-20)
+  weights_ref[...] = weights * routed_scaling_factor
+  experts_ref[...] = experts.astype(jnp.int32)
+
+
+def _compiler_params(backend, bs: MoeRouteBlockSizes):
+  if backend == "gpu":   # Triton params select the Triton lowering (not Mosaic GPU)
+    if hasattr(_pltriton, "CompilerParams"):
+      return _pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+    from jax.experimental.pallas import gpu as plgpu   # older JAX
+    return plgpu.TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+  if backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=("parallel",))
+  return None
+
+
+def moe_route(logits, bias, *, top_k, n_group=1, topk_group=1, score_fn="sigmoid",
+              norm_topk_prob=True, routed_scaling_factor=1.0, interpret=None,
+              block_sizes: MoeRouteBlockSizes | None = None):
+  """DeepSeekMoE routing; the semantics of `pallas_kernels.reference.moe_route`.
+
+  logits [N,E], bias [E] or None -> (weights [N,K] float32, experts [N,K] int32).
+  """
+  if score_fn not in ("sigmoid", "softmax"):
+    raise ValueError(f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
+  n, e = logits.shape
+  if e % n_group:
+    raise ValueError(f"{e} experts do not split into {n_group} groups")
+  interpret = platform.resolve_interpret(interpret)
+  backend = "interpret" if interpret else platform.backend()
+  bs = block_sizes or MoeRouteBlockSizes.get_default(backend)
+
+  # Triton needs power-of-two blocks: round E up (masked in the kernel) and K up (sliced off).
+  e_pad = pl.next_power_of_2(e) if backend == "gpu" else e
+  k_pad = pl.next_power_of_2(top_k)
+  grid = pl.cdiv(n, bs.block_n)
+  n_pad = grid * bs.block_n   # whole output blocks: Triton would store past the end otherwise
+
+  operands = [logits]
+  in_specs = [pl.BlockSpec((bs.block_n, e_pad), lambda i: (i, 0))]
+  if bias is not None:
+    operands.append(bias.astype(jnp.float32).reshape(1, e))
+    in_specs.append(pl.BlockSpec((1, e_pad), lambda i: (0, 0)))
+  # A fresh partial per call: a kernel reused across grids may keep a stale num_programs.
+  kernel = functools.partial(
+      _route_kernel, n=n, e=e, top_k=top_k, n_group=n_group, topk_group=topk_group,
+      score_fn=score_fn, norm_topk_prob=norm_topk_prob,
+      routed_scaling_factor=routed_scaling_factor, has_bias=bias is not None,
+      masked_load=backend == "gpu")
+  weights, experts = pl.pallas_call(
+      kernel,
+      grid=(grid,),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((bs.block_n, k_pad), lambda i: (i, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((n_pad, k_pad), jnp.float32),
+                 jax.ShapeDtypeStruct((n_pad, k_pad), jnp.int32)],
+      compiler_params=_compiler_params(backend, bs),
+      interpret=interpret,
+      name="moe_route",
+  )(*operands)
+  return weights[:n, :top_k], experts[:n, :top_k]
