@@ -59,8 +59,7 @@ class MlaDecodeBlockSizes:
   def get_default(cls, backend: str | None = None) -> "MlaDecodeBlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
-      return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=4,
-                 num_stages=2)
+      return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=8)
     if backend == "tpu":   # kv block [max_split, 512] bf16, double-buffered in VMEM
       return cls(block_s=512, min_heads=8, min_programs=2, max_split=4096)
     return cls()

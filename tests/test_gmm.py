@@ -1,0 +1,111 @@
+"""gmm / tgmm Pallas kernels (interpret mode, both grid forms) against pallas_kernels.reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import reference
+from pallas_kernels.gmm import BlockSizes, gmm, tgmm
+
+M, K, N, G = 50, 40, 24, 6   # with 16-blocks every dim has a tail
+FORMS = {
+    "parallel": None,        # the CPU default: BlockSizes(16, 16, 16), one program per tile
+    "sequential": BlockSizes(16, 16, 16, sequential_grid=True),   # megablox / Mosaic TPU form
+}
+GROUP_SIZES = [
+    [0, 7, 1, 0, 20, 0],     # empty first, middle and last groups; rows past the sum
+    [1, 1, 13, 1, 16, 1],    # single-row groups
+    [0, 0, 50, 0, 0, 0],     # one group holds everything
+    [9, 3, 14, 8, 10, 6],    # sum == M
+    [0, 0, 0, 0, 0, 0],      # nothing routed: all zeros
+] + [  # random sizes, sum <= M, some groups empty
+    np.random.default_rng(seed).multinomial(
+        np.random.default_rng(seed).integers(M // 2, M + 1),
+        np.random.default_rng(seed).dirichlet(np.full(G, 0.5))).tolist()
+    for seed in range(4)
+]
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _operands(m, k, n, g, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  lhs = jax.random.normal(ks[0], (m, k)) / np.sqrt(k)
+  rhs = jax.random.normal(ks[1], (g, k, n)) / np.sqrt(k)
+  cot = jax.random.normal(ks[2], (m, n))
+  return lhs.astype(dtype), rhs.astype(dtype), cot.astype(dtype)
+
+
+def _close(actual, expected, tol):
+  expected = np.asarray(expected, np.float32)
+  scale = max(1.0, float(np.max(np.abs(expected))))
+  np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=tol, atol=tol * scale)
+
+
+@functools.cache
+def _fwd_and_vjp(fn):
+  """jit(lhs, rhs, sizes, cot -> out, d lhs, d rhs, d sizes); compiled once per shape."""
+  @jax.jit
+  def run(lhs, rhs, group_sizes, cot):
+    out, vjp = jax.vjp(fn, lhs, rhs, group_sizes)
+    return out, *vjp(cot)
+  return run
+
+
+def _check_fwd_and_vjp(block_sizes, lhs, rhs, cot, sizes_list):
+  kernel = _fwd_and_vjp(functools.partial(gmm, block_sizes=block_sizes))
+  ref = _fwd_and_vjp(reference.gmm)
+  tol = TOL[lhs.dtype.type]
+  for sizes in sizes_list:
+    group_sizes = jnp.array(sizes, jnp.int32)
+    out, d_lhs, d_rhs, d_sizes = kernel(lhs, rhs, group_sizes, cot)
+    ref_out, ref_d_lhs, ref_d_rhs, _ = ref(lhs, rhs, group_sizes, cot)
+    assert out.dtype == lhs.dtype and d_lhs.dtype == lhs.dtype and d_rhs.dtype == rhs.dtype
+    assert d_sizes.dtype == jax.dtypes.float0
+    _close(out, ref_out, tol)
+    _close(d_lhs, ref_d_lhs, tol)
+    _close(d_rhs, ref_d_rhs, tol)
+    # Rows past the routed ones are exactly zero, forward and backward.
+    assert not np.any(np.asarray(out[sum(sizes):], np.float32))
+    assert not np.any(np.asarray(d_lhs[sum(sizes):], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_gmm_forward_and_gradients(form, dtype):
+  lhs, rhs, cot = _operands(M, K, N, G, dtype)
+  with jax.default_matmul_precision("highest"):
+    _check_fwd_and_vjp(FORMS[form], lhs, rhs, cot, GROUP_SIZES)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gmm_fewer_rows_than_a_block(form):
+  lhs, rhs, cot = _operands(5, 16, 16, 3, jnp.float32, seed=1)
+  with jax.default_matmul_precision("highest"):
+    _check_fwd_and_vjp(FORMS[form], lhs, rhs, cot, [[2, 0, 3], [0, 5, 0], [1, 0, 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_tgmm(form):
+  lhs, _, grad = _operands(M, K, N, G, jnp.float32, seed=2)
+  kernel = jax.jit(functools.partial(tgmm, block_sizes=FORMS[form]))
+  with jax.default_matmul_precision("highest"):
+    for sizes in GROUP_SIZES:
+      group_sizes = jnp.array(sizes, jnp.int32)
+      out = kernel(lhs, grad, group_sizes)
+      assert out.shape == (G, K, N) and out.dtype == jnp.float32
+      _close(out, reference.tgmm(lhs, grad, group_sizes), TOL[jnp.float32])
+      assert not np.any(np.asarray(out)[np.asarray(sizes) == 0])   # empty groups: zeros
+
+
+def test_block_sizes_per_platform():
+  assert BlockSizes.for_platform("cpu") == BlockSizes(16, 16, 16)
+  for name in ("gpu", "tpu"):
+    bs = BlockSizes.for_platform(name)
+    for b in (bs.block_m, bs.block_k, bs.block_n):
+      assert b >= 16 and b & (b - 1) == 0   # Triton: powers of two, dot dims >= 16
+  tpu = BlockSizes.for_platform("tpu")
+  assert tpu.sequential_grid and tpu.block_m % 8 == 0
+  assert tpu.block_k % 128 == 0 and tpu.block_n % 128 == 0
