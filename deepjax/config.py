@@ -297,7 +297,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~100M total parameters: a research-scale V3 shape for single-host GPU/TPU runs.
     "small": dict(
         model_type="deepseek_v3", vocab_size=32768, hidden_size=512, intermediate_size=1536,
-        moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=192,
+        moe_intermediate_size=160, num_hidden_layers=8, num_attention_heads=8, q_lora_rank=192,
         kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
         n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
         topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,

@@ -115,8 +115,10 @@ def _gmm_parallel_kernel(offsets_ref, group_lo_ref, group_hi_ref, lhs_ref, rhs_r
       return acc + jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims,
                                        preferred_element_type=jnp.float32)
 
-    # Empty groups inside the tile do no k steps.
-    return jax.lax.fori_loop(0, jnp.where(end > start, pl.cdiv(k, bk), 0), k_step, acc)
+    # Empty groups inside the tile do no k steps. (Arithmetic, not `where` on literals, which
+    # Triton's select lowering mistypes.)
+    num_k = (end > start).astype(jnp.int32) * pl.cdiv(k, bk)
+    return jax.lax.fori_loop(0, num_k, k_step, acc)
 
   # Groups touching this tile; rows past the last group keep zeros.
   acc = jax.lax.fori_loop(group_lo_ref[t], group_hi_ref[t], group_step,
@@ -243,9 +245,10 @@ def _tgmm_parallel_kernel(offsets_ref, lhs_ref, grad_ref, out_ref, *, k, n, bm, 
     return acc + jax.lax.dot_general(x.astype(dtype), y.astype(dtype), (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 
-  # An empty group runs no steps and stores zeros.
-  acc = jax.lax.fori_loop(start // bm, jnp.where(end > start, pl.cdiv(end, bm), 0), m_step,
-                          jnp.zeros((bk, bn), jnp.float32))
+  # The group's row blocks; an empty group runs none and stores zeros.
+  first = start // bm
+  num_m = (end > start).astype(jnp.int32) * (pl.cdiv(end, bm) - first)
+  acc = jax.lax.fori_loop(first, first + num_m, m_step, jnp.zeros((bk, bn), jnp.float32))
   pltriton.store(out_ref.at[g, pl.ds(k_i * bk, bk), pl.ds(n_i * bn, bn)], acc,
                  mask=(ks < k)[:, None] & (ns < n)[None, :])
 

@@ -144,11 +144,17 @@ def _to_kernel_layout(x, length, widths):
 # -- Shared pieces of the three kernels. -------------------------------------------------------
 
 
+def _dot(a, b, contract=(1, 0)):
+  """a @ b contracting a's dim contract[0] with b's dim contract[1], accumulated in float32."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _qk(qs, ks, sm_scale):
-  """Scaled scores [bq, bk] in float32, summed over the feature pieces."""
-  scores = pl.dot(qs[0], ks[0], trans_b=True)
+  """Scaled scores q k^T [bq, bk] in float32, summed over the feature pieces."""
+  scores = _dot(qs[0], ks[0], (1, 1))
   for q, k in zip(qs[1:], ks[1:]):
-    scores += pl.dot(q, k, trans_b=True)
+    scores += _dot(q, k, (1, 1))
   return scores * sm_scale
 
 
@@ -239,7 +245,7 @@ def _fwd_kernel(q_refs, k_refs, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
     p = jnp.exp(scores - m_ref)                        # masked entries: exactly 0
     alpha = jnp.exp(m - m_ref)
     l = alpha * l + p.sum(axis=1, keepdims=True)
-    acc = alpha * acc + pl.dot(p.astype(v_ref.dtype), v_ref[kv, :])
+    acc = alpha * acc + _dot(p.astype(v_ref.dtype), v_ref[kv, :])
     return acc, m_new, l
 
   acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
@@ -285,9 +291,9 @@ def _dq_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, kv]
     mask = _visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg)
     p = jnp.exp(jnp.where(mask, scores, -jnp.inf) - lse)
-    dp = pl.dot(do, v_ref[kv, :], trans_b=True)
+    dp = _dot(do, v_ref[kv, :], (1, 1))
     ds = (p * (dp - delta) * c.sm_scale).astype(ks[0].dtype)
-    return tuple(dq + pl.dot(ds, k) for dq, k in zip(dqs, ks))
+    return tuple(dq + _dot(ds, k) for dq, k in zip(dqs, ks))
 
   dqs = tuple(jnp.zeros(q.shape, jnp.float32) for q in qs)
   dqs = lax.fori_loop(0, _kv_end(c, i, bq, bk), body, dqs)
@@ -311,10 +317,10 @@ def _dkv_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv
     q_seg = None if q_seg_ref is None else q_seg_ref[rows, :]
     mask = _visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg)
     p = jnp.exp(jnp.where(mask, scores, -jnp.inf) - lse_ref[rows, :])
-    dv += pl.dot(p.astype(do.dtype), do, trans_a=True)
-    dp = pl.dot(do, v, trans_b=True)
+    dv += _dot(p.astype(do.dtype), do, (0, 0))
+    dp = _dot(do, v, (1, 1))
     ds = (p * (dp - delta_ref[rows, :]) * c.sm_scale).astype(qs[0].dtype)
-    return tuple(dk + pl.dot(ds, q, trans_a=True) for dk, q in zip(dks, qs)), dv
+    return tuple(dk + _dot(ds, q, (0, 0)) for dk, q in zip(dks, qs)), dv
 
   init = (tuple(jnp.zeros(k.shape, jnp.float32) for k in ks), jnp.zeros(v.shape, jnp.float32))
   dks, dv = lax.fori_loop(_q_begin(c, j, bq, bk), pl.cdiv(c.t, bq), body, init)

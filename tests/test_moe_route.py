@@ -1,4 +1,9 @@
-"""moe_route Pallas kernel (interpret mode) against pallas_kernels.reference.moe_route."""
+"""moe_route Pallas kernel (interpret mode) against pallas_kernels.reference.moe_route.
+
+Every case mixes random rows with tied rows (few distinct values, a constant row, tied group
+scores), so each compiled kernel is checked on its tie breaking: the chosen experts must be
+identical to the reference's (lowest index first, as jax.lax.top_k), the weights within 1e-6.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,75 +13,79 @@ import pytest
 from pallas_kernels import reference
 from pallas_kernels.moe_route import MoeRouteBlockSizes, moe_route
 
-BLOCK = MoeRouteBlockSizes(block_n=16)
+BLOCK = MoeRouteBlockSizes(block_n=16)   # N = 37 leaves a tail block
+# Four groups of 8: group 1 repeats its max (its top-2 sum counts it twice); groups 0 and 2
+# score exactly the same.
+_TIED_GROUPS = jnp.array([0.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0,
+                          2.0, 2.0, -3.0, -3.0, -3.0, -3.0, -3.0, -3.0,
+                          1.0, 0.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0,
+                          -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0, -2.0])
 
 
-def _logits(n, e, seed=0, ties=False):
+def _logits(n, e, seed=0):
+  """Random rows, then rows with few distinct values (ties everywhere), a constant row and,
+  for 32 experts, the tied-group rows."""
   x = jax.random.normal(jax.random.key(seed), (n, e))
-  if ties:   # few distinct values: ties inside and across groups, and one constant row
-    x = (jnp.round(x * 2) / 2).at[0].set(0.25)
+  tied = jnp.round(x[n // 2:] * 2) / 2
+  x = x.at[n // 2:].set(tied).at[-1].set(0.25)
+  if e == 32:
+    x = x.at[-3].set(_TIED_GROUPS).at[-2].set(_TIED_GROUPS[::-1])
   return x
 
 
 def _route(logits, bias, block_sizes=BLOCK, **kw):
-  """(kernel result, reference result); experts must be identical, weights ~1e-6."""
+  """Checks the kernel against the reference; returns the experts."""
   weights, experts = jax.jit(lambda l, b: moe_route(l, b, block_sizes=block_sizes, **kw))(
       logits, bias)
-  ref_weights, ref_experts = reference.moe_route(logits, bias, **kw)
+  ref_weights, ref_experts = jax.jit(lambda l, b: reference.moe_route(l, b, **kw))(logits, bias)
+  assert weights.shape == experts.shape == (logits.shape[0], kw["top_k"])
   assert weights.dtype == jnp.float32 and experts.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(experts), np.asarray(ref_experts))
   np.testing.assert_allclose(np.asarray(weights), np.asarray(ref_weights), rtol=1e-6, atol=1e-6)
-  return experts
+  return np.asarray(experts)
 
 
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)], ids=["greedy", "groups"])
-@pytest.mark.parametrize("norm_topk_prob,scale", [(True, 1.0), (False, 2.5)],
-                         ids=["norm", "scaled"])
-def test_matches_reference(score_fn, n_group, topk_group, norm_topk_prob, scale):
-  # N = 37 is not a multiple of block_n = 16: the tail rows are masked.
-  _route(_logits(37, 32), None, top_k=4, n_group=n_group, topk_group=topk_group,
-         score_fn=score_fn, norm_topk_prob=norm_topk_prob, routed_scaling_factor=scale)
-
-
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-def test_bias_changes_selection(score_fn):
+def test_sigmoid_groups_bias_changes_selection():
+  # V3 form (eqs. 12-16): sigmoid, top-2 group sums, choice on s + b, weights from s.
   logits = _logits(37, 32, seed=1)
-  bias = jnp.zeros(32).at[jnp.array([3, 17, 30])].set(1.0)   # V3 eq. 16: choose on s + b
-  kw = dict(top_k=4, n_group=4, topk_group=2, score_fn=score_fn)
+  bias = jnp.zeros(32).at[jnp.array([3, 17, 30])].set(1.0)
+  kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
   biased = _route(logits, bias, **kw)
   unbiased = _route(logits, None, **kw)
-  assert np.any(np.asarray(biased) != np.asarray(unbiased))
+  assert np.any(biased != unbiased)
 
 
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)], ids=["greedy", "groups"])
-def test_ties_break_towards_lower_index(score_fn, n_group, topk_group):
-  _route(_logits(37, 32, seed=2, ties=True), None, top_k=6, n_group=n_group,
-         topk_group=topk_group, score_fn=score_fn)
+def test_sigmoid_greedy_unnormalised_bf16():
+  _route(_logits(37, 32, seed=2).astype(jnp.bfloat16), None, top_k=6, norm_topk_prob=False,
+         routed_scaling_factor=2.5)
 
 
-def test_tied_group_scores():
-  # Group 1 repeats its max (top-2 sum counts it twice); groups 0 and 2 tie exactly.
-  row = jnp.array([0.0, 1.0, -1.0, -1.0,  2.0, 2.0, -3.0, -3.0,
-                   1.0, 0.0, -1.0, -1.0,  -2.0, -2.0, -2.0, -2.0])
-  logits = jnp.stack([row, row[::-1], jnp.zeros(16)])
-  _route(logits, None, top_k=4, n_group=4, topk_group=2)
-  _route(logits, None, top_k=4, n_group=4, topk_group=2, score_fn="softmax")
+def test_softmax_group_limited():
+  # V2 group-limited greedy: a group scores its max; weights scaled, not normalised.
+  bias = 0.01 * jax.random.normal(jax.random.key(3), (32,))
+  _route(_logits(37, 32, seed=3), bias, top_k=6, n_group=4, topk_group=3, score_fn="softmax",
+         norm_topk_prob=False, routed_scaling_factor=16.0)
+
+
+def test_softmax_greedy_normalised():
+  _route(_logits(37, 32, seed=4), None, top_k=4, score_fn="softmax")
 
 
 def test_v3_shape():
   # DeepSeek-V3: 256 experts, 8 groups, top-4 groups, top-8, bias, scale 2.5.
-  bias = 0.05 * jax.random.normal(jax.random.key(4), (256,))
-  _route(_logits(300, 256, seed=3), bias, block_sizes=None, top_k=8, n_group=8,
-         topk_group=4, routed_scaling_factor=2.5)
+  bias = 0.05 * jax.random.normal(jax.random.key(5), (256,))
+  _route(_logits(300, 256, seed=5), bias, block_sizes=None, top_k=8, n_group=8, topk_group=4,
+         routed_scaling_factor=2.5)
 
 
 def test_v2_lite_shape():
   # DeepSeek-V2-Lite: 64 experts, softmax, greedy top-6, no normalisation.
-  _route(_logits(300, 64, seed=5), None, block_sizes=None, top_k=6, score_fn="softmax",
+  _route(_logits(300, 64, seed=6), None, block_sizes=None, top_k=6, score_fn="softmax",
          norm_topk_prob=False)
 
 
-def test_bfloat16_logits():
-  _route(_logits(37, 32, seed=6).astype(jnp.bfloat16), None, top_k=4, n_group=4, topk_group=2)
+def test_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="score_fn"):
+    moe_route(jnp.zeros((4, 8)), None, top_k=2, score_fn="relu")
+  with pytest.raises(ValueError, match="groups"):
+    moe_route(jnp.zeros((4, 10)), None, top_k=2, n_group=4)
