@@ -57,9 +57,11 @@ class BlockSizes:
   num_stages: int = 2
 
   @classmethod
-  def for_backend(cls, backend: str) -> "BlockSizes":
-    if backend == "gpu":
-      return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8)
+  def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
+    if backend == "gpu":  # H200, Dqk/Dv 192/128; float32 tiles are smaller to fit shared memory
+      if jnp.dtype(dtype).itemsize >= 4:
+        return cls(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64, num_stages=2)
+      return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32, num_stages=3)
     if backend == "tpu":
       return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
     return cls(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)  # interpret: many blocks
@@ -94,7 +96,7 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
     sm_scale = q.shape[-1] ** -0.5
   return _attention(q, k, v, segment_ids, causal=bool(causal), sm_scale=float(sm_scale),
                     interpret=platform.resolve_interpret(interpret),
-                    blocks=BlockSizes.for_backend(platform.backend()))
+                    blocks=BlockSizes.for_backend(platform.backend(), q.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "blocks"))

@@ -11,7 +11,7 @@ from pallas_kernels.mla_decode import MlaDecodeBlockSizes, _split_sizes, mla_dec
 S, DC, DR = 37, 32, 16   # S is not a multiple of block_s; Dc != Dr
 NO_SPLIT = MlaDecodeBlockSizes(block_s=8)
 SPLIT = MlaDecodeBlockSizes(block_s=8, min_programs=64)   # flash-decoding: 5 splits of 8
-HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4, min_programs=8)
+HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4, min_programs=32)
 # Empty row, one entry, the full cache, a block end, a length inside a block, random ones.
 LENGTHS = [0, 1, S, 8, 17] + np.random.default_rng(0).integers(0, S + 1, size=3).tolist()
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -47,7 +47,7 @@ def test_single_head(block_sizes):
 
 
 def test_head_blocks():
-  # 6 heads padded to 8, two heads per program: 4 head blocks x 3 splits per row.
+  # 6 heads padded to 8, two heads per program: 4 head blocks x 2 splits per row.
   _check(6, LENGTHS[:4], jnp.float32, HEAD_BLOCKS, seed=2)
 
 
@@ -61,6 +61,6 @@ def test_split_choice():
   assert _split_sizes(5, S, 1, NO_SPLIT) == (40, 1)
   assert _split_sizes(5, S, 1, SPLIT) == (8, 5)                  # one block per split
   assert _split_sizes(64, S, 1, SPLIT)[1] == 1                   # enough rows: no split
-  assert _split_sizes(1, S, 4, HEAD_BLOCKS) == (16, 2)           # head blocks count too
+  assert _split_sizes(4, S, 4, HEAD_BLOCKS) == (32, 2)           # head blocks count too
   bounded = MlaDecodeBlockSizes(block_s=8, max_split=16)
   assert _split_sizes(1, S, 1, bounded) == (16, 3)

@@ -1,0 +1,31 @@
+"""deepjax: DeepSeek-style MoE language models in JAX / Flax NNX, with Pallas kernels."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="deepjax",
+    version="0.1.0",
+    description="JAX/TPU-native research library for DeepSeek-style Mixture-of-Experts models",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["deepjax", "deepjax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorstore",
+        "absl-py",
+        "ml-collections",
+        "numpy",
+        "ml-dtypes",
+        "safetensors",
+    ],
+    extras_require={
+        # torch: install the CPU build first (pip install torch==2.13.0), see BUILD.md.
+        "test": ["pytest", "pytest-timeout", "torch", "transformers>=5.0"],
+        "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+    },
+)
