@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (fits in ~8 minutes on an H200): every Pallas kernel compiled (not
+# interpreted) against its pure-jnp reference, then throughput tables against XLA, cuDNN and
+# the measured matmul / copy ceilings. Needs only jax (no grain). Tables go to stdout and, when
+# $OUT is set (the device tool), to $OUT/kernel_bench.md.
+#   bash experiments/benchmarks/gpu_check.sh            # on the GPU machine
+#   bash experiments/benchmarks/gpu_check.sh --smoke    # CPU, interpret mode, tiny shapes
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out="${OUT:-$(mktemp -d)}"
+PY=${PYTHON:-python3}
+date -u +"%Y-%m-%d %H:%M UTC" | tee "$out/kernel_bench.md"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$out/kernel_bench.md"
+fi
+if [[ " $* " != *" --smoke "* ]]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+else
+  export JAX_PLATFORMS=cpu
+fi
+timeout "${BENCH_TIMEOUT:-450}" "$PY" experiments/benchmarks/kernel_bench.py "$@" 2>&1 | tee -a "$out/kernel_bench.md"
+exit "${PIPESTATUS[0]}"
