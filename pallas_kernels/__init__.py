@@ -1,7 +1,12 @@
 """Pallas kernels for DeepSeek-style models, each beside a pure-jnp reference of the same signature.
 
-`interpret=None` means: interpret mode on CPU, compiled on GPU and TPU.
+`interpret=None` means: interpret mode on CPU, compiled on GPU and TPU. `pallas_kernels.reference`
+holds the references; `sort_by_expert` the dropless dispatch metadata.
 """
 
 from pallas_kernels import reference
 from pallas_kernels.dispatch import sort_by_expert
+from pallas_kernels.gmm import gmm, tgmm
+from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.moe_route import moe_route

@@ -34,10 +34,7 @@ try:
 except (ImportError, AttributeError):  # newer JAX: only through the GPU module
   from jax.experimental.pallas import gpu as plgpu
   _TritonParams = plgpu.TritonCompilerParams
-try:
-  from jax.experimental.pallas import tpu as pltpu
-except ImportError:
-  pltpu = None
+from jax.experimental.pallas import tpu as pltpu
 
 _MIN_DIM = 16  # Triton's smallest dot dimension
 
@@ -47,7 +44,9 @@ class BlockSizes:
   """Tile sizes of the three kernels and Triton's launch parameters.
 
   block_q/block_k tile the forward and the dq kernel; block_q_bwd/block_k_bwd the dk/dv kernel.
-  All are powers of two (Triton) and, on TPU, multiples of 128.
+  All are powers of two (Triton) and, on TPU, multiples of 128. On GPU the tiles of q, k and v
+  must fit shared memory (about 227 KiB on H100/H200): 64x128 bf16 key tiles of a 192-wide head
+  with 3 stages do not.
   """
   block_q: int
   block_k: int
@@ -214,18 +213,20 @@ def _seg_specs(q_seg, kv_seg, q_rows, kv_cols):
   return q_spec, kv_spec
 
 
-def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name):
+def _compiler_params(c):
   if c.interpret:
-    params = None
-  elif platform.backend() == "gpu":  # explicit Triton params select the Triton lowering
-    params = _TritonParams(num_warps=c.blocks.num_warps, num_stages=c.blocks.num_stages)
-  elif platform.backend() == "tpu" and pltpu is not None:
-    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
-  else:
-    params = None
+    return None
+  if platform.backend() == "gpu":  # explicit Triton params select the Triton lowering
+    return _TritonParams(num_warps=c.blocks.num_warps, num_stages=c.blocks.num_stages)
+  if platform.backend() == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  return None
+
+
+def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=params, interpret=c.interpret,
-                        name=name)(*args)
+                        out_shape=out_shape, compiler_params=_compiler_params(c),
+                        interpret=c.interpret, name=name)(*args)
 
 
 # -- Forward. ----------------------------------------------------------------------------------
@@ -236,16 +237,18 @@ def _fwd_kernel(q_refs, k_refs, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
   qs = [r[...] for r in q_refs]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def body(j, carry):  # Algorithm 1, lines 6-10: fold key block j into the running softmax
+  def body(j, carry):  # Algorithm 1's inner loop: fold key block j into the online softmax
     acc, m, l = carry
     kv = _block(bk, j)
     scores = _qk(qs, [r[kv, :] for r in k_refs], c.sm_scale)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, kv]
     scores = jnp.where(_visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg), scores, -jnp.inf)
+    # m' = max(m, rowmax S); P = exp(S - m'); l' = exp(m - m') l + rowsum P;
+    # O' = exp(m - m') O + P V. A row that has seen no key yet keeps m' = -inf: use 0 instead.
     m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key yet
-    p = jnp.exp(scores - m_ref)                        # masked entries: exactly 0
-    alpha = jnp.exp(m - m_ref)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(scores - m_safe)  # masked entries: exactly 0
+    alpha = jnp.exp(m - m_safe)
     l = alpha * l + p.sum(axis=1, keepdims=True)
     acc = alpha * acc + _dot(p.astype(v_ref.dtype), v_ref[kv, :])
     return acc, m_new, l
@@ -254,8 +257,8 @@ def _fwd_kernel(q_refs, k_refs, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
   m = jnp.full((bq, 1), -jnp.inf, jnp.float32)
   l = jnp.zeros((bq, 1), jnp.float32)
   acc, m, l = lax.fori_loop(0, _kv_end(c, i, bq, bk), body, (acc, m, l))
-  # Lines 12-13: normalise and save L = m + log(l). A row with no visible key gives zeros and
-  # L = +inf, so that the backward's exp(s - L) is 0 there.
+  # O = O / l and L = m + log(l). A row with no visible key gives zeros and L = +inf, so that
+  # the backward's P = exp(S - L) is 0 there.
   empty = l == 0.0
   l = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc / l).astype(o_ref.dtype)
@@ -286,7 +289,7 @@ def _dq_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
   do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def body(j, dqs):  # Algorithm 2, lines 11-13 and 16, for key block j
+  def body(j, dqs):  # Algorithm 2 for key block j: P = exp(S - L), dS = P (dP - D), dQ += dS K
     kv = _block(bk, j)
     ks = [r[kv, :] for r in k_refs]
     scores = _qk(qs, ks, c.sm_scale)
@@ -310,7 +313,7 @@ def _dkv_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv
   v = v_ref[...]
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
 
-  def body(i, carry):  # Algorithm 2, lines 11-15, for query block i
+  def body(i, carry):  # Algorithm 2 for query block i: dV += P^T dO, dK += dS^T Q
     dks, dv = carry
     rows = _block(bq, i)
     qs = [r[rows, :] for r in q_refs]
@@ -334,7 +337,7 @@ def _dkv_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv
 def _bwd(c, qs, ks, v, q_seg, kv_seg, o, lse, do):
   b, h, t_pad, _ = qs[0].shape
   s_pad = ks[0].shape[2]
-  # Algorithm 2, line 4: D = rowsum(dO * O), over the padded (zero) features too.
+  # Algorithm 2's preprocessing: D = rowsum(dO * O) (the padded features are zeros).
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
   args = (qs, ks, v, do, lse, delta, q_seg, kv_seg)
 

@@ -77,11 +77,11 @@ def _load_rows(ref, rows, valid, masked_load):
 
 
 def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, l_ref, *,
-                   sm_scale, block_s, precision, masked_load):
+                   sm_scale, block_s, cache_size, precision, masked_load):
   b, split = pl.program_id(0), pl.program_id(2)
   split_size = kv_ref.shape[0]
   split_start = split * split_size
-  length = lengths_ref[b]
+  length = jnp.minimum(lengths_ref[b], cache_size)   # never read past the cache
   ql, qr = ql_ref[...], qr_ref[...]                   # [block_h, Dc], [block_h, Dr]
   nt = (((1,), (1,)), ((), ()))                       # contract the last dims: a @ b^T
   rows_iota = lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)
@@ -181,7 +181,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   precision = lax.Precision.HIGHEST if q_latent.dtype == jnp.float32 else None
   # A fresh partial per call: a kernel reused across grids may keep a stale num_programs.
   kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_s=bs.block_s,
-                             precision=precision, masked_load=backend == "gpu")
+                             cache_size=s, precision=precision, masked_load=backend == "gpu")
   partial_shape = (b, num_splits, h_pad)
   acc, m, l = pl.pallas_call(
       kernel,

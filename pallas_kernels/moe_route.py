@@ -47,7 +47,7 @@ class MoeRouteBlockSizes:
   def get_default(cls, backend: str | None = None) -> "MoeRouteBlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # several [block_n, 256] float32 tiles live in registers
-      return cls(block_n=16, num_warps=4)
+      return cls(block_n=8, num_warps=2)
     return cls()
 
 
@@ -96,8 +96,8 @@ def _route_kernel(*refs, n, e, top_k, n_group, topk_group, score_fn, norm_topk_p
   choice = jnp.where(real, choice, _NEG_INF)
 
   if n_group > 1:   # keep the experts of the best topk_group groups only
-    group_of_col = cols_i // (e // n_group)
-    members = [group_of_col == g for g in range(n_group)]
+    size = e // n_group
+    members = [(cols_i >= g * size) & (cols_i < (g + 1) * size) for g in range(n_group)]
     group_scores = []
     for member in members:
       top1, first = _argmax_lowest(choice, member, cols)

@@ -11,6 +11,14 @@ from pallas_kernels import reference
 from pallas_kernels.gmm import BlockSizes, gmm, tgmm
 
 M, K, N, G = 50, 40, 24, 6   # with 16-blocks every dim has a tail
+
+
+def _random_sizes(seed):
+  """Random group sizes with sum <= M; a skewed split leaves some groups empty."""
+  rng = np.random.default_rng(seed)
+  return rng.multinomial(rng.integers(M // 2, M + 1), rng.dirichlet(np.full(G, 0.5))).tolist()
+
+
 FORMS = {
     "parallel": None,        # the CPU default: BlockSizes(16, 16, 16), one program per tile
     "sequential": BlockSizes(16, 16, 16, sequential_grid=True),   # megablox / Mosaic TPU form
@@ -21,12 +29,7 @@ GROUP_SIZES = [
     [0, 0, 50, 0, 0, 0],     # one group holds everything
     [9, 3, 14, 8, 10, 6],    # sum == M
     [0, 0, 0, 0, 0, 0],      # nothing routed: all zeros
-] + [  # random sizes, sum <= M, some groups empty
-    np.random.default_rng(seed).multinomial(
-        np.random.default_rng(seed).integers(M // 2, M + 1),
-        np.random.default_rng(seed).dirichlet(np.full(G, 0.5))).tolist()
-    for seed in range(4)
-]
+] + [_random_sizes(seed) for seed in range(4)]
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
@@ -46,7 +49,8 @@ def _close(actual, expected, tol):
 
 @functools.cache
 def _fwd_and_vjp(fn):
-  """jit(lhs, rhs, sizes, cot -> out, d lhs, d rhs, d sizes); compiled once per shape."""
+  """jit(lhs, rhs, sizes, cot -> out, d lhs, d rhs, d sizes), cached per fn: one compile per
+  shape, whatever the group sizes."""
   @jax.jit
   def run(lhs, rhs, group_sizes, cot):
     out, vjp = jax.vjp(fn, lhs, rhs, group_sizes)

@@ -23,7 +23,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
-from pallas_kernels.gmm import tgmm
+from pallas_kernels import tgmm
 
 BF16 = jnp.bfloat16
 
