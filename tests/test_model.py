@@ -81,3 +81,17 @@ def test_bad_tokens_raise(tokens, message):
   model = dj.DeepSeek(dj.ModelConfig(**SMALL_V3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=message):
     model(jnp.asarray(tokens))
+
+
+def test_padding_is_left_out_of_router_stats():
+  cfg = dj.ModelConfig(**SMALL_V3)
+  model = dj.DeepSeek(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 10)), jnp.int32)
+  segments = jnp.asarray([[1] * 10, [1] * 6 + [0] * 4], jnp.int32)
+  out = model(tokens, segment_ids=segments)
+  np.testing.assert_array_equal(out.router.counts.sum(-1),
+                                [[10 * cfg.num_experts_per_tok, 6 * cfg.num_experts_per_tok]]
+                                * cfg.num_moe_layers)
+  np.testing.assert_allclose(out.router.affinity.sum(-1), [[10.0, 6.0]] * cfg.num_moe_layers,
+                             rtol=1e-5)
+  assert len(model.routers()) == cfg.num_moe_layers

@@ -26,7 +26,8 @@ class DecoderLayer(nnx.Module):
                ) -> tuple[jax.Array, RouterStats | None]:
     x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
     if self.is_moe:
-      y, stats = self.mlp(self.post_attention_layernorm(x))
+      token_mask = None if segment_ids is None else segment_ids != 0
+      y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(x)), None
     return x + y, stats

@@ -20,6 +20,7 @@ class RouterStats:
 
   counts: how many of the row's tokens chose each expert (load; sums to T*K per row).
   affinity: sum over the row's tokens of s_{i,t} / sum_j s_{j,t} (V3 eq. 19's numerator terms).
+  Padding tokens (segment id 0) are left out of both.
   """
   counts: jax.Array
   affinity: jax.Array
@@ -33,16 +34,20 @@ class MoE(nnx.Module):
     self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts,
                               rngs=rngs) if cfg.n_shared_experts > 0 else None
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, RouterStats]:
+    """x [B, T, H]; token_mask [B, T] (False on padding) only affects the statistics."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     routing = self.gate(flat)
     y = self.experts(flat, routing.weights, routing.experts).reshape(b, t, h).astype(x.dtype)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)
-    e = routing.scores.shape[-1]
-    rows = jnp.repeat(jnp.arange(b), t * routing.experts.shape[-1])
-    counts = jnp.zeros((b, e), jnp.float32).at[rows, routing.experts.reshape(-1)].add(1.0)
+    e, k = routing.scores.shape[-1], routing.experts.shape[-1]
+    valid = jnp.ones((b, t), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    rows = jnp.repeat(jnp.arange(b), t * k)
+    counts = jnp.zeros((b, e), jnp.float32).at[rows, routing.experts.reshape(-1)].add(
+        jnp.repeat(valid.reshape(-1), k))
     normalised = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
-    affinity = jnp.sum(normalised.reshape(b, t, e), axis=1)
+    affinity = jnp.einsum("bte,bt->be", normalised.reshape(b, t, e), valid)
     return y, RouterStats(counts=counts, affinity=affinity)

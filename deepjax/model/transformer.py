@@ -26,7 +26,8 @@ class DeepSeek(nnx.Module):
   """`model(tokens, positions=None, segment_ids=None) -> ModelOutput`.
 
   tokens int32 [B, T]. positions default to 0..T-1. segment_ids [B, T] mark packed documents:
-  a token attends only to earlier tokens of its own segment.
+  a token attends only to earlier tokens of its own segment; segment 0 is padding, left out of
+  the router statistics.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -42,6 +43,11 @@ class DeepSeek(nnx.Module):
         std=cfg.initializer_range, rngs=rngs)
     self.mtp = nnx.List([MTPModule(cfg, k + 1, rngs=rngs)
                          for k in range(cfg.num_nextn_predict_layers)])
+
+  def routers(self) -> list:
+    """The MoE gates in the order of `ModelOutput.router`: main layers, then MTP blocks."""
+    blocks = list(self.layers) + [module.block for module in self.mtp]
+    return [block.mlp.gate for block in blocks if block.is_moe]
 
   def head(self, normed_hidden: jax.Array) -> jax.Array:
     if self.lm_head is None:
