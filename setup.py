@@ -22,6 +22,9 @@ setup(
         "numpy",
         "ml-dtypes",
         "safetensors",
+        "tokenizers",
+        "array-record",
+        "tensorboardX",
     ],
     extras_require={
         # torch: install the CPU build first (pip install torch==2.13.0), see BUILD.md.

@@ -31,12 +31,28 @@ def tokens():
   return np.random.default_rng(0).integers(0, 97, size=(2, 21)).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("moe_impl", ["ragged_dot", "dense"])
-def test_logits_match_transformers(name, moe_impl, tokens, tmp_path):
+IMPLS = [("xla", "ragged_dot"), ("xla", "dense"), ("pallas", "pallas")]
+SLOW_IMPLS = [("pallas", "dense"), ("pallas", "ragged_dot"), ("xla", "pallas")]
+
+
+def _check(name, attention_impl, moe_impl, tokens, tmp_path):
   cfg = dj.ModelConfig(**CONFIGS[name])
   reference = hf_model(cfg, seed=1)
   reference.save_pretrained(tmp_path)
-  model = dj.load_hf(str(tmp_path), dtype=jnp.float32, moe_impl=moe_impl)
+  model = dj.load_hf(str(tmp_path), dtype=jnp.float32, attention_impl=attention_impl,
+                     moe_impl=moe_impl)
   ours = np.asarray(model(jnp.asarray(tokens)).logits)
   assert relative_error(ours, hf_logits(reference, tokens)) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("attention_impl, moe_impl", IMPLS)
+def test_logits_match_transformers(name, attention_impl, moe_impl, tokens, tmp_path):
+  _check(name, attention_impl, moe_impl, tokens, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("attention_impl, moe_impl", SLOW_IMPLS)
+def test_logits_match_transformers_other_impls(name, attention_impl, moe_impl, tokens, tmp_path):
+  _check(name, attention_impl, moe_impl, tokens, tmp_path)
