@@ -1,0 +1,48 @@
+"""The device mesh: named axes data, fsdp, expert, tensor; -1 fills with the remaining devices."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Axes a batch is split over: outside MoE layers, `expert` acts as a data axis.
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 entry so the product equals num_devices; names the problem otherwise."""
+  unknown = [a for a in MESH_AXES if sizes.get(a, 1) == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
+  for axis in MESH_AXES:
+    size = sizes.get(axis, 1)
+    if size != -1 and size < 1:
+      raise ValueError(f"mesh.{axis} must be positive or -1, got {size}")
+  known = math.prod(sizes.get(a, 1) for a in MESH_AXES if a not in unknown)
+  if num_devices % known:
+    raise ValueError(f"mesh sizes {dict(sizes)} (product {known}) do not divide the "
+                     f"{num_devices} devices")
+  if not unknown and known != num_devices:
+    raise ValueError(f"mesh sizes {dict(sizes)} use {known} of the {num_devices} devices; "
+                     f"set one axis to -1 to fill")
+  return tuple(num_devices // known if a in unknown else sizes.get(a, 1) for a in MESH_AXES)
+
+
+def make_mesh(sizes: dict[str, int] | None = None, devices=None) -> Mesh:
+  """A Mesh over `devices` (default: all) with axes MESH_AXES; default all devices on data."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(sizes or {"data": -1}, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def batch_size_per_shard(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)

@@ -1,0 +1,65 @@
+"""Plots of a training run from its metrics.jsonl: loss curves and expert load (matplotlib)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def loss_curves(records: list[dict], path: str) -> str:
+  """Train LM / MTP / total loss and eval LM loss against step."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  steps = [r["step"] for r in records]
+  for key, label in (("loss", "total"), ("lm_loss", "LM"), ("mtp_loss", "MTP")):
+    if all(key in r for r in records):
+      ax.plot(steps, [r[key] for r in records], label=f"train {label}")
+  evals = [(r["step"], r["eval_lm_loss"]) for r in records if r.get("eval_lm_loss") is not None]
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval LM")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def expert_load(records: list[dict], path: str) -> str | None:
+  """Heatmap of the last logged expert loads (MoE layer x expert, load / mean) and MaxVio."""
+  loads = [r for r in records if r.get("expert_load") is not None]
+  if not loads:
+    return None
+  plt = _pyplot()
+  last = np.asarray(loads[-1]["expert_load"])
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+  image = ax.imshow(last, aspect="auto", cmap="viridis")
+  ax.set_xlabel("expert")
+  ax.set_ylabel("MoE layer (last rows: MTP)")
+  ax.set_title(f"expert load / mean, step {loads[-1]['step']}")
+  fig.colorbar(image, ax=ax)
+  ax2.plot([r["step"] for r in loads], [r["max_vio"] for r in loads])
+  ax2.set_xlabel("step")
+  ax2.set_ylabel("MaxVio (batch)")
+  ax2.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def run_plots(workdir: str, records: list[dict]) -> list[str]:
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  paths = [loss_curves(records, os.path.join(workdir, "plots", "loss.png")),
+           expert_load(records, os.path.join(workdir, "plots", "expert_load.png"))]
+  return [p for p in paths if p]

@@ -1,0 +1,217 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly on SIGTERM.
+
+A workdir holds config.json (the resolved run config), metrics.jsonl, TensorBoard events and
+checkpoints/. Running again on the same workdir resumes from the latest complete checkpoint,
+data position included, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from deepjax import accounting
+from deepjax.checkpoint.manager import CheckpointManager
+from deepjax.config import ModelConfig
+from deepjax.parallel import batch_sharding, make_mesh
+from deepjax.train.metrics import MetricsWriter, Progress
+from deepjax.train.mfu import mfu, peak_flops_per_device
+from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from deepjax.train.state import abstract_train_state, init_train_state, state_shardings
+from deepjax.train.step import BATCH_KEYS, ObjectiveConfig, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300
+  batch_size: int = 16           # global, in rows of seq_len tokens
+  seq_len: int = 256
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_steps: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "expert": 1,
+                                                           "tensor": 1})
+  optimizer: OptimizerConfig = OptimizerConfig()
+  objective: ObjectiveConfig = ObjectiveConfig()
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or Inf; the run stopped without saving that state."""
+
+
+def check_model_unchanged(workdir: str, model_cfg: ModelConfig) -> None:
+  """Refuses to resume a workdir that was trained with another model config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    previous = json.load(f).get("model", {})
+  current = dataclasses.asdict(model_cfg)
+  changed = {k: (previous.get(k), v) for k, v in current.items()
+             if k in previous and previous[k] != v and k not in ("attention_impl", "moe_impl")}
+  if changed:
+    details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+    raise ValueError(f"{workdir} holds a run of another model ({details}); use a new workdir "
+                     f"or the same model config")
+
+
+class _StopFlag:
+  """Turns SIGTERM (preemption) into a request to checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:     # not the main thread: no signal handling
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(batch: dict, sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in BATCH_KEYS}
+
+
+def _check_vocabulary(batch: dict, vocab_size: int) -> None:
+  tokens = np.asarray(batch["tokens"])
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)][:5]
+    raise ValueError(f"the data yields token ids outside the model's vocabulary "
+                     f"[0, {vocab_size}): e.g. {bad.tolist()}; check the tokenizer and vocab_size")
+
+
+def evaluate(eval_step, state, batches: Iterator[dict], steps: int, sharding) -> dict:
+  totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "tokens": 0.0}
+  for _, batch in zip(range(steps), batches):
+    out = jax.device_get(eval_step(state, _global_batch(batch, sharding)))
+    for key in totals:
+      totals[key] += float(out[key])
+  tokens = max(totals["tokens"], 1.0)
+  return {"eval_lm_loss": totals["lm_loss"] / tokens, "eval_mtp_loss": totals["mtp_loss"] / tokens}
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
+          make_eval_data: Callable[[], Iterator[dict]] | None = None,
+          resolved_config: dict | None = None, log: Callable[[str], None] = print) -> dict:
+  """Trains (or resumes) in `workdir`; returns a summary dict.
+
+  train_data: a checkpointable iterator (grain DatasetIterator: get_state / set_state) of this
+  process's batches {"tokens", "segment_ids", "positions"} [batch_size / processes, seq_len].
+  make_eval_data: a fresh iterator of held-out batches each time it is called.
+  """
+  check_model_unchanged(workdir, model_cfg)
+  mesh = make_mesh(cfg.mesh)
+  opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps)
+  tx = make_optimizer(opt_cfg)
+  schedule = learning_rate_schedule(opt_cfg)
+  checkpoints = CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  keep=cfg.keep_checkpoints)
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
+    shardings = state_shardings(abstract, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state, data_state = checkpoints.restore(latest, target)
+    train_data.set_state(data_state)
+    log(f"resumed from {checkpoints.directory}/{latest}")
+  else:
+    graphdef, state, shardings = init_train_state(model_cfg, tx, mesh, cfg.seed)
+
+  os.makedirs(workdir, exist_ok=True)
+  if resolved_config is not None:
+    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+      json.dump(resolved_config, f, indent=2, default=str)
+    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+
+  train_step = make_train_step(graphdef, tx, schedule, cfg.objective, shardings, mesh)
+  eval_step = make_eval_step(graphdef, cfg.objective, shardings, mesh)
+  sharding = batch_sharding(mesh)
+  start = int(jax.device_get(state.step))
+  writer = MetricsWriter(workdir, resume_step=start)
+  progress = Progress(cfg.steps, start)
+  flops_per_token = accounting.flops_per_token(model_cfg, cfg.seq_len)
+  peak = peak_flops_per_device(model_cfg.dtype)
+  counts = accounting.param_counts(model_cfg)
+  log(f"{model_cfg.model_type}: {counts.total:,} parameters ({counts.activated:,} activated), "
+      f"mesh {dict(mesh.shape)}, {cfg.batch_size}x{cfg.seq_len} tokens/step, "
+      f"steps {start}->{cfg.steps}")
+
+  step, record, eval_record = start, {}, {}
+  throughput = []
+  window_start, window_steps = time.perf_counter(), 0
+  first = True
+  with _StopFlag() as stop:
+    try:
+      while step < cfg.steps:
+        batch = next(train_data)
+        if first:
+          _check_vocabulary(batch, model_cfg.vocab_size)
+          first = False
+        state, metrics = train_step(state, _global_batch(batch, sharding))
+        step += 1
+        window_steps += 1
+        loss = float(jax.device_get(metrics["loss"]))
+        if step == start + 1:            # leave compilation out of tokens/s
+          window_start, window_steps = time.perf_counter(), 0
+        if not math.isfinite(loss):
+          checkpoints.wait()
+          good = checkpoints.latest_step()
+          raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped without saving. The last "
+                              f"good checkpoint (step {good}) is untouched in "
+                              f"{checkpoints.directory}")
+        if make_eval_data is not None and cfg.eval_every and (
+            step % cfg.eval_every == 0 or step == cfg.steps):
+          eval_record = evaluate(eval_step, state, make_eval_data(), cfg.eval_steps, sharding)
+        if step % cfg.log_every == 0 or step == cfg.steps or stop.requested:
+          seconds = time.perf_counter() - window_start
+          tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
+          if window_steps:
+            throughput.append(tokens_per_sec)
+          host = jax.device_get(metrics)
+          host.pop("tokens")
+          record = writer.write(step, {
+              **host, **eval_record, "tokens_per_sec": tokens_per_sec,
+              "mfu": mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)})
+          eval_record = {}
+          progress.update(step, record)
+          window_start, window_steps = time.perf_counter(), 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+          checkpoints.save(step, state, train_data.get_state())
+        if stop.requested:
+          checkpoints.wait()
+          log(f"SIGTERM: saved step {step} to {checkpoints.directory}; rerun to continue")
+          break
+    finally:
+      checkpoints.wait()
+      checkpoints.close()
+      writer.close()
+
+  summary = {"step": step, "final_loss": record.get("loss"),
+             "eval_lm_loss": record.get("eval_lm_loss"),
+             "tokens_per_sec": float(np.median(throughput)) if throughput else None,
+             "mfu": record.get("mfu"), "checkpoints": checkpoints.directory,
+             "preempted": stop.requested}
+  return summary

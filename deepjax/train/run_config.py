@@ -1,0 +1,62 @@
+"""The ml_collections run config behind `experiments/train.py` and its resolution into typed
+configs. Field names are the command line's: --config.steps, --config.mesh.expert,
+--config.model.n_routed_experts (any ModelConfig field, HF names), --config.data.source, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from deepjax.config import ModelConfig
+from deepjax.train.loop import TrainConfig
+from deepjax.train.optimizer import OptimizerConfig
+from deepjax.train.step import ObjectiveConfig
+
+
+def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  train, opt, objective = TrainConfig(), OptimizerConfig(), ObjectiveConfig()
+  for field in ("steps", "batch_size", "seq_len", "seed", "log_every", "eval_every",
+                "eval_steps", "checkpoint_every", "keep_checkpoints"):
+    c[field] = getattr(train, field)
+  for field in ("learning_rate", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
+                "weight_decay", "grad_clip"):
+    c[field] = getattr(opt, field)
+  for field in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed"):
+    c[field] = getattr(objective, field)
+  c.mesh = ml_collections.ConfigDict(dict(train.mesh))
+  c.data = ml_collections.ConfigDict({
+      "source": "synthetic",      # "synthetic" | a glob of text files | a glob of *.arrayrecord
+      "eval_source": "",          # "" -> the synthetic eval split, or a held-out glob
+      "tokenizer": "byte",        # "byte" | path to a tokenizer.json
+      "lines": False,             # text files: one document per non-empty line
+      "pretokenized": False,      # ArrayRecord records are int32 token ids
+  })
+  model = dataclasses.asdict(ModelConfig.preset(preset))
+  c.model = ml_collections.ConfigDict({"preset": preset, **model})
+  return c
+
+
+def resolve(config: ml_collections.ConfigDict) -> tuple[ModelConfig, TrainConfig]:
+  """Typed configs from a run config; ModelConfig validation errors name the field."""
+  model_fields = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
+  model = ModelConfig(**model_fields)
+  for name in ("steps", "batch_size", "seq_len", "log_every", "eval_steps",
+               "checkpoint_every", "keep_checkpoints"):
+    if config[name] < 1:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.seq_len > model.max_position_embeddings:
+    raise ValueError(f"config.seq_len {config.seq_len} exceeds model.max_position_embeddings "
+                     f"{model.max_position_embeddings}")
+  optimizer = OptimizerConfig(**{f.name: config[f.name] for f in
+                                 dataclasses.fields(OptimizerConfig) if f.name != "total_steps"},
+                              total_steps=config.steps)
+  objective = ObjectiveConfig(**{f.name: config[f.name]
+                                 for f in dataclasses.fields(ObjectiveConfig)})
+  train = TrainConfig(
+      **{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)
+         if f.name not in ("mesh", "optimizer", "objective")},
+      mesh=dict(config.mesh), optimizer=optimizer, objective=objective)
+  return model, train
