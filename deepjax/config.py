@@ -16,7 +16,9 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ATTENTION_IMPLS = ("xla", "pallas")
-MOE_IMPLS = ("dense", "ragged_dot", "pallas")
+# moe_impl: "blocked" is the fast exact path on CPU (block-padded batched matmuls); ragged_dot
+# and pallas use grouped matmuls; dense runs every expert on every token.
+MOE_IMPLS = ("dense", "ragged_dot", "pallas", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # deepjax fields: not part of transformers' config.json.

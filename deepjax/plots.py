@@ -45,6 +45,7 @@ def expert_load(records: list[dict], path: str) -> str | None:
   fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
   image = ax.imshow(last, aspect="auto", cmap="viridis")
   ax.set_xlabel("expert")
+  ax.set_yticks(range(last.shape[0]))
   ax.set_ylabel("MoE layer (last rows: MTP)")
   ax.set_title(f"expert load / mean, step {loads[-1]['step']}")
   fig.colorbar(image, ax=ax)

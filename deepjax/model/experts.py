@@ -1,9 +1,12 @@
-"""Routed experts stored stacked as [E, ...] arrays, and the three ways to dispatch to them.
+"""Routed experts stored stacked as [E, ...] arrays, and the ways to dispatch to them.
 
 `dense`: every expert on every token, combined by the (mostly zero) gate matrix; simple, exact,
 for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
 copies of the tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot,
-or pallas_kernels.gmm), then put back in token order and summed with their gates.
+or pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
+dropless too, the routed copies grouped by expert in equal blocks and run as one batched matmul
+(deepjax.model.dispatch); its cost follows the active FLOPs on every backend, the fast path on
+CPU, where ragged_dot costs as much as `dense`.
 """
 
 import jax
@@ -12,6 +15,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
+from deepjax.model.dispatch import block_size_for, blocked_experts, padded_rows
 from deepjax.model.layers import param
 
 
@@ -34,6 +38,15 @@ class RoutedExperts(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     x = x.astype(dt)
     wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+    if self.cfg.moe_impl == "blocked":
+      n, k = experts.shape
+      e = wg.shape[0]
+      block = block_size_for(n * k, e)
+      if padded_rows(n * k, e, block) < n * e:
+        return blocked_experts(x, weights, experts, wg, wu, wd, block)
+      # So few tokens (e.g. decoding) that the padded blocks hold more rows than computing
+      # every expert on every token: the dense form is then the cheaper exact one.
+      return self._dense(x, weights, experts, wg, wu, wd)
     if self.cfg.moe_impl == "dense":
       return self._dense(x, weights, experts, wg, wu, wd)
     return self._sorted(x, weights, experts, wg, wu, wd)

@@ -21,7 +21,7 @@ import numpy as np
 from deepjax import accounting
 from deepjax.checkpoint.manager import CheckpointManager
 from deepjax.config import ModelConfig
-from deepjax.parallel import batch_sharding, make_mesh
+from deepjax.parallel import batch_sharding, batch_size_per_shard, make_mesh
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -123,6 +123,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   """
   check_model_unchanged(workdir, model_cfg)
   mesh = make_mesh(cfg.mesh)
+  shards = batch_size_per_shard(mesh)
+  if cfg.batch_size % shards:
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
+                     f"{shards} (mesh data x fsdp x expert = {dict(mesh.shape)})")
   opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps)
   tx = make_optimizer(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)
@@ -142,6 +146,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
 
   os.makedirs(workdir, exist_ok=True)
   if resolved_config is not None:
+    resolved_config = {**resolved_config, "model": {**resolved_config.get("model", {}),
+                                                    **dataclasses.asdict(model_cfg)}}
     with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
       json.dump(resolved_config, f, indent=2, default=str)
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))

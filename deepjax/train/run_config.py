@@ -35,6 +35,8 @@ def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
       "pretokenized": False,      # ArrayRecord records are int32 token ids
   })
   model = dataclasses.asdict(ModelConfig.preset(preset))
+  # Fields derived from others stay None so that overriding the others re-derives them.
+  model.update(num_key_value_heads=None, scoring_func=None)
   c.model = ml_collections.ConfigDict({"preset": preset, **model})
   return c
 

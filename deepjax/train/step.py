@@ -51,7 +51,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
     biases = state.biases
     metrics = dict(loss=losses.total, lm_loss=losses.lm, mtp_loss=losses.mtp,
                    balance_loss=losses.balance, lr=schedule(state.step),
-                   grad_norm=optax.global_norm(grads), tokens=losses.tokens)
+                   grad_norm=optax.tree_utils.tree_norm(grads), tokens=losses.tokens)
     if router is not None:
       loads = expert_loads(router.counts)
       violation = max_violation(loads)
