@@ -23,8 +23,12 @@ from deepjax.train.metrics import read_metrics
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.",
                                required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
-                                          lock_config=True)
+try:   # config_flags applies --config.<field> overrides while defining the flag
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
+                                            lock_config=True)
+except (AttributeError, KeyError) as unknown:
+  sys.exit(f"train.py: error: the config has no field {str(unknown).strip(chr(34) + chr(39))!r} "
+           f"(check the --config.<field> flags; model fields are --config.model.<field>)")
 
 
 def make_source(spec: str, split: str, config):
@@ -43,6 +47,14 @@ def make_source(spec: str, split: str, config):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    run()
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:   # bad input: no traceback
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   config = _CONFIG.value

@@ -205,6 +205,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in read_metrics(workdir)}
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   flags = ["--config.steps=16", "--config.checkpoint_every=4"]
   straight = run_train_py(tmp_path / "straight", *flags)
@@ -231,6 +232,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_during_async_save_restarts_from_last_complete_checkpoint(tmp_path):
   flags = ["--config.steps=14", "--config.checkpoint_every=1", "--config.keep_checkpoints=20"]
   straight = run_train_py(tmp_path / "straight", *flags)
@@ -269,6 +271,6 @@ def test_kill_during_async_save_restarts_from_last_complete_checkpoint(tmp_path)
 def test_bad_flags_fail_with_a_clear_message(flag, message, tmp_path):
   result = run_train_py(tmp_path / "w", flag, "--config.steps=2")
   assert result.returncode != 0
-  assert message in result.stdout + result.stderr
-  assert "Traceback" not in result.stdout + result.stderr[-2000:] or message in \
-      (result.stdout + result.stderr).splitlines()[-1]
+  output = result.stdout + result.stderr
+  assert message in output
+  assert "Traceback" not in output
