@@ -12,6 +12,9 @@ top-2 biased scores for sigmoid, as in transformers' DeepseekV3; the max for sof
 group-limited greedy). Top-k is k rounds of (max, lowest index attaining it, take it out),
 so ties break towards the lower index exactly as jax.lax.top_k does; every comparison runs
 on the same float32 values as the reference, so the chosen experts are identical.
+
+Differentiable in the logits (custom VJP): for the chosen experts, the weights are a smooth
+function of the scores, so the backward pass differentiates that function in plain jnp.
 """
 
 import dataclasses
@@ -149,19 +152,74 @@ def _compiler_params(backend, bs: MoeRouteBlockSizes):
   return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+  """The static arguments of one routing call."""
+  top_k: int
+  n_group: int
+  topk_group: int
+  score_fn: str
+  norm_topk_prob: bool
+  routed_scaling_factor: float
+  interpret: bool | None
+  block_sizes: MoeRouteBlockSizes | None
+
+
 def moe_route(logits, bias, *, top_k, n_group=1, topk_group=1, score_fn="sigmoid",
               norm_topk_prob=True, routed_scaling_factor=1.0, interpret=None,
               block_sizes: MoeRouteBlockSizes | None = None):
   """DeepSeekMoE routing; the semantics of `pallas_kernels.reference.moe_route`.
 
-  logits [N,E], bias [E] or None -> (weights [N,K] float32, experts [N,K] int32).
+  logits [N,E], bias [E] or None -> (weights [N,K] float32, experts [N,K] int32). Gradients
+  flow to the logits through the weights; the bias only selects and gets none.
   """
   if score_fn not in ("sigmoid", "softmax"):
     raise ValueError(f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
+  if logits.shape[1] % n_group:
+    raise ValueError(f"{logits.shape[1]} experts do not split into {n_group} groups")
+  routing = _Routing(top_k, n_group, topk_group, score_fn, norm_topk_prob,
+                     float(routed_scaling_factor), interpret, block_sizes)
+  return _route(routing, logits, bias)
+
+
+def _gate_values(routing: _Routing, logits, experts):
+  """The weights as a function of the logits for a fixed choice of experts (V3 eqs. 12-13)."""
+  logits = logits.astype(jnp.float32)
+  scores = jax.nn.sigmoid(logits) if routing.score_fn == "sigmoid" else \
+      jax.nn.softmax(logits, axis=-1)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if routing.norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * routing.routed_scaling_factor
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _route(routing: _Routing, logits, bias):
+  return _route_pallas(routing, logits, bias)
+
+
+def _route_fwd(routing, logits, bias):
+  weights, experts = _route_pallas(routing, logits, bias)
+  return (weights, experts), (logits, experts, bias)
+
+
+def _route_bwd(routing, residuals, cotangents):
+  logits, experts, bias = residuals
+  d_weights, _ = cotangents
+  _, vjp = jax.vjp(lambda x: _gate_values(routing, x, experts), logits)
+  d_bias = None if bias is None else jnp.zeros_like(bias)
+  return vjp(d_weights)[0], d_bias
+
+
+_route.defvjp(_route_fwd, _route_bwd)
+
+
+def _route_pallas(routing: _Routing, logits, bias):
+  top_k, n_group, topk_group = routing.top_k, routing.n_group, routing.topk_group
+  score_fn, norm_topk_prob = routing.score_fn, routing.norm_topk_prob
+  routed_scaling_factor, block_sizes = routing.routed_scaling_factor, routing.block_sizes
   n, e = logits.shape
-  if e % n_group:
-    raise ValueError(f"{e} experts do not split into {n_group} groups")
-  interpret = platform.resolve_interpret(interpret)
+  interpret = platform.resolve_interpret(routing.interpret)
   backend = "interpret" if interpret else platform.backend()
   bs = block_sizes or MoeRouteBlockSizes.get_default(backend)
 

@@ -95,3 +95,19 @@ def test_padding_is_left_out_of_router_stats():
   np.testing.assert_allclose(out.router.affinity.sum(-1), [[10.0, 6.0]] * cfg.num_moe_layers,
                              rtol=1e-5)
   assert len(model.routers()) == cfg.num_moe_layers
+
+
+@pytest.mark.parametrize("impls", [("pallas", "pallas"), ("pallas", "ragged_dot")])
+def test_pallas_paths_give_the_same_loss_and_gradients(impls):
+  base = dict(SMALL_V3, num_nextn_predict_layers=1)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 19)), jnp.int32)
+  results = []
+  for attention_impl, moe_impl in (("xla", "dense"), impls):
+    cfg = dj.ModelConfig(**dict(base, attention_impl=attention_impl, moe_impl=moe_impl))
+    model = dj.DeepSeek(cfg, rngs=nnx.Rngs(5))
+    loss, grads = nnx.value_and_grad(_loss)(model, tokens)
+    results.append((loss, nnx.to_flat_state(grads)))
+  (l1, g1), (l2, g2) = results
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for (path, a), (_, b) in zip(g1, g2):
+    np.testing.assert_allclose(a[...], b[...], rtol=1e-4, atol=1e-6, err_msg=str(path))

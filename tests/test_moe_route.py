@@ -89,3 +89,18 @@ def test_rejects_bad_arguments():
     moe_route(jnp.zeros((4, 8)), None, top_k=2, score_fn="relu")
   with pytest.raises(ValueError, match="groups"):
     moe_route(jnp.zeros((4, 10)), None, top_k=2, n_group=4)
+
+
+@pytest.mark.parametrize("score_fn, norm, groups", [("sigmoid", True, (4, 2)),
+                                                    ("softmax", False, (1, 1))])
+def test_gradient_matches_reference(score_fn, norm, groups):
+  logits = jax.random.normal(jax.random.key(7), (37, 16), jnp.float32)
+  bias = 0.1 * jax.random.normal(jax.random.key(8), (16,)) if score_fn == "sigmoid" else None
+  kw = dict(top_k=3, n_group=groups[0], topk_group=groups[1], score_fn=score_fn,
+            norm_topk_prob=norm, routed_scaling_factor=2.5)
+  cot = jax.random.normal(jax.random.key(9), (37, 3))
+  loss = lambda fn: lambda x: jnp.sum(fn(x, bias, **kw)[0] * cot)  # noqa: E731
+  with jax.default_matmul_precision("highest"):
+    got = jax.grad(loss(moe_route))(logits)
+    want = jax.grad(loss(reference.moe_route))(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
