@@ -6,11 +6,11 @@ from deepjax.train import default_config
 def get_config():
   config = default_config("tiny")
   # Trains on a laptop CPU in a few minutes on the embedded synthetic corpus.
-  config.steps = 300
-  config.batch_size = 16
+  config.steps = 200
+  config.batch_size = 8
   config.seq_len = 256
   config.learning_rate = 3e-3
-  config.warmup_steps = 30
-  config.eval_every = 100
+  config.warmup_steps = 20
+  config.eval_every = 50
   config.checkpoint_every = 100
   return config
