@@ -44,5 +44,16 @@ def make_mesh(sizes: dict[str, int] | None = None, devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
-def batch_size_per_shard(mesh: Mesh) -> int:
+def batch_size_per_shard(mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_divisibility(mesh, *, batch_size: int, n_routed_experts: int) -> None:
+  """The batch splits over data x fsdp x expert; the routed experts over `expert`."""
+  shards = batch_size_per_shard(mesh)
+  if batch_size % shards:
+    raise ValueError(f"batch_size {batch_size} is not divisible by the data-parallel size "
+                     f"{shards} (mesh data x fsdp x expert = {dict(mesh.shape)})")
+  if n_routed_experts and n_routed_experts % mesh.shape["expert"]:
+    raise ValueError(f"n_routed_experts {n_routed_experts} is not divisible by the expert axis "
+                     f"({mesh.shape['expert']})")

@@ -21,9 +21,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "mlp": ("tensor",),
-    "q_lora": None,
-    "kv_lora": None,
-    "mtp_concat": None,
+    "q_lora": ("fsdp",),          # q_b / kv_b shard on their input dim under FSDP
+    "kv_lora": ("fsdp",),
+    "mtp_concat": ("fsdp",),
     "expert": ("expert",),
     "expert_mlp": ("tensor",),
 }

@@ -21,7 +21,7 @@ import numpy as np
 from deepjax import accounting
 from deepjax.checkpoint.manager import CheckpointManager
 from deepjax.config import ModelConfig
-from deepjax.parallel import batch_sharding, batch_size_per_shard, make_mesh
+from deepjax.parallel import batch_sharding, check_divisibility, make_mesh
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -123,10 +123,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   """
   check_model_unchanged(workdir, model_cfg)
   mesh = make_mesh(cfg.mesh)
-  shards = batch_size_per_shard(mesh)
-  if cfg.batch_size % shards:
-    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
-                     f"{shards} (mesh data x fsdp x expert = {dict(mesh.shape)})")
+  check_divisibility(mesh, batch_size=cfg.batch_size, n_routed_experts=model_cfg.n_routed_experts)
   opt_cfg = dataclasses.replace(cfg.optimizer, total_steps=cfg.steps)
   tx = make_optimizer(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg)

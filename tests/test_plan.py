@@ -1,0 +1,51 @@
+"""The memory planner against hand arithmetic for DeepSeek-V3."""
+
+import pytest
+
+import deepjax as dj
+from deepjax import accounting
+from deepjax.parallel.plan import plan
+
+V3 = dj.ModelConfig.preset("v3")
+EXPERT_PARAMS = 3 * 7168 * 2048                   # one routed expert: gate, up, down
+MOE_LAYERS = 61 - 3 + 1                           # 58 MoE layers + the MTP block
+
+
+def _all_params():
+  counts = accounting.param_counts(V3)
+  return counts.total + counts.mtp
+
+
+@pytest.mark.parametrize("fsdp, expert, devices", [(32, 64, 2048), (16, 8, 128)])
+def test_v3_parameter_shards(fsdp, expert, devices):
+  p = plan(V3, {"data": -1, "fsdp": fsdp, "expert": expert, "tensor": 1}, devices,
+           batch_size=devices * 2, seq_len=4096)
+  # Routed experts and router columns split over expert x fsdp (expert axis, hidden dim);
+  # everything else over fsdp.
+  by_expert = MOE_LAYERS * 256 * (EXPERT_PARAMS + 7168)
+  other = _all_params() - by_expert
+  expected = 2 * (by_expert // (expert * fsdp) + other // fsdp)      # bf16
+  assert p.params_bytes == pytest.approx(expected, rel=1e-5)
+  assert p.grads_bytes == p.params_bytes and p.optimizer_bytes == 2 * p.params_bytes
+
+
+def test_v3_all_to_all_and_flops():
+  devices, expert = 2048, 64
+  p = plan(V3, {"data": 1, "fsdp": -1, "expert": expert, "tensor": 1}, devices,
+           batch_size=4096, seq_len=4096)
+  tokens = 4096 * 4096 // devices
+  assert p.tokens_per_device == tokens
+  # dispatch + combine, forward + backward; top-8 copies of 7168 bf16 values per token.
+  per_layer = 4 * tokens * 8 * 7168 * 2 * (expert - 1) // expert
+  assert p.all_to_all_bytes == pytest.approx(MOE_LAYERS * per_layer, rel=1e-6)
+  assert p.flops_per_step == pytest.approx(accounting.flops_per_token(V3, 4096) * 4096 * 4096)
+
+
+@pytest.mark.parametrize("sizes, devices, batch, message", [
+    ({"data": -1, "expert": 3}, 6, 6, "n_routed_experts 256 is not divisible by the expert axis"),
+    ({"data": -1, "expert": 8}, 64, 100, "batch_size 100 is not divisible"),
+    ({"data": 3, "expert": 8}, 64, 96, "do not divide the 64 devices"),
+])
+def test_clear_errors(sizes, devices, batch, message):
+  with pytest.raises(ValueError, match=message):
+    plan(V3, sizes, devices, batch_size=batch, seq_len=4096)
