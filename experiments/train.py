@@ -17,12 +17,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepjax import data, plots
+from deepjax.parallel import distributed
 from deepjax.train import resolve, train
 from deepjax.train.metrics import read_metrics
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.",
                                required=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process run (otherwise "
+    "SLURM / MPI / TPU-pod environments are detected, or the run is single-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 try:   # config_flags applies --config.<field> overrides while defining the flag
   _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Run config file.",
                                             lock_config=True)
@@ -59,6 +65,7 @@ def run():
     logging.set_verbosity(logging.WARNING)   # Orbax logs every save at INFO
   config = _CONFIG.value
   model_cfg, train_cfg = resolve(config)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   dataset = lambda source, seed, shuffle, epochs: data.make_dataset(  # noqa: E731
       source, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size, seed=seed,

@@ -141,8 +141,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   else:
     graphdef, state, shardings = init_train_state(model_cfg, tx, mesh, cfg.seed)
 
+  lead = jax.process_index() == 0      # one process writes config, metrics and the console
+  if not lead:
+    log = lambda message: None  # noqa: E731
   os.makedirs(workdir, exist_ok=True)
-  if resolved_config is not None:
+  if resolved_config is not None and lead:
     resolved_config = {**resolved_config, "model": {**resolved_config.get("model", {}),
                                                     **dataclasses.asdict(model_cfg)}}
     with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
@@ -153,7 +156,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   eval_step = make_eval_step(graphdef, cfg.objective, shardings, mesh)
   sharding = batch_sharding(mesh)
   start = int(jax.device_get(state.step))
-  writer = MetricsWriter(workdir, resume_step=start)
+  writer = MetricsWriter(workdir, resume_step=start) if lead else None
   progress = Progress(cfg.steps, start)
   flops_per_token = accounting.flops_per_token(model_cfg, cfg.seq_len)
   peak = peak_flops_per_device(model_cfg.dtype)
@@ -195,11 +198,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
             throughput.append(tokens_per_sec)
           host = jax.device_get(metrics)
           host.pop("tokens")
-          record = writer.write(step, {
-              **host, **eval_record, "tokens_per_sec": tokens_per_sec,
-              "mfu": mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)})
+          record = {**host, **eval_record, "tokens_per_sec": tokens_per_sec,
+                    "mfu": mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)}
           eval_record = {}
-          progress.update(step, record)
+          if lead:
+            record = writer.write(step, record)
+            progress.update(step, record)
           window_start, window_steps = time.perf_counter(), 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
           checkpoints.save(step, state, train_data.get_state())
@@ -210,7 +214,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
     finally:
       checkpoints.wait()
       checkpoints.close()
-      writer.close()
+      if writer is not None:
+        writer.close()
 
   summary = {"step": step, "final_loss": record.get("loss"),
              "eval_lm_loss": record.get("eval_lm_loss"),
