@@ -274,3 +274,21 @@ def test_bad_flags_fail_with_a_clear_message(flag, message, tmp_path):
   output = result.stdout + result.stderr
   assert message in output
   assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_on_another_mesh(tmp_path):
+  def run(workdir, mesh, stop_at=None):
+    config = fast_config(steps=8, checkpoint_every=4, batch_size=8, eval_every=1000)
+    config.mesh.update(mesh)
+    model_cfg, train_cfg = resolve(config)
+    train(model_cfg, train_cfg, str(workdir), synthetic_data(config), log=lambda s: None,
+          stop_at=stop_at)
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
+
+  straight = run(tmp_path / "a", {"data": -1})
+  run(tmp_path / "b", {"data": -1}, stop_at=4)
+  resumed = run(tmp_path / "b", {"data": 2, "fsdp": 2, "tensor": 2})   # Orbax reshards
+  assert sorted(resumed) == list(range(1, 9))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
+                             [straight[s] for s in range(1, 9)], rtol=1e-4)

@@ -114,12 +114,15 @@ def evaluate(eval_step, state, batches: Iterator[dict], steps: int, sharding) ->
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
           make_eval_data: Callable[[], Iterator[dict]] | None = None,
-          resolved_config: dict | None = None, log: Callable[[str], None] = print) -> dict:
+          resolved_config: dict | None = None, log: Callable[[str], None] = print,
+          stop_at: int | None = None) -> dict:
   """Trains (or resumes) in `workdir`; returns a summary dict.
 
   train_data: a checkpointable iterator (grain DatasetIterator: get_state / set_state) of this
   process's batches {"tokens", "segment_ids", "positions"} [batch_size / processes, seq_len].
   make_eval_data: a fresh iterator of held-out batches each time it is called.
+  stop_at: checkpoint and return after this step (a time-sliced job); the learning-rate
+    schedule still spans cfg.steps, so a later call continues the same run.
   """
   check_model_unchanged(workdir, model_cfg)
   mesh = make_mesh(cfg.mesh)
@@ -171,7 +174,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   first = True
   with _StopFlag() as stop:
     try:
-      while step < cfg.steps:
+      last = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+      while step < last:
         batch = next(train_data)
         if first:
           _check_vocabulary(batch, model_cfg.vocab_size)
@@ -191,7 +195,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
         if make_eval_data is not None and cfg.eval_every and (
             step % cfg.eval_every == 0 or step == cfg.steps):
           eval_record = evaluate(eval_step, state, make_eval_data(), cfg.eval_steps, sharding)
-        if step % cfg.log_every == 0 or step == cfg.steps or stop.requested:
+        if step % cfg.log_every == 0 or step == last or stop.requested:
           seconds = time.perf_counter() - window_start
           tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
           if window_steps:
@@ -205,7 +209,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
             record = writer.write(step, record)
             progress.update(step, record)
           window_start, window_steps = time.perf_counter(), 0
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+        if step % cfg.checkpoint_every == 0 or step == last or stop.requested:
           checkpoints.save(step, state, train_data.get_state())
         if stop.requested:
           checkpoints.wait()

@@ -1,0 +1,323 @@
+"""Generation: cached greedy == full recompute, absorbed decode numerics, MTP speculation,
+cache size, sampling, EOS, input errors, and experiments/generate.py end to end."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import deepjax as dj
+from deepjax import accounting
+from deepjax.inference import (LatentCache, forward, generate, generate_with_stats, lm_logits,
+                               mtp_forward, sample)
+from train_helpers import FAST, ROOT, run_train_py
+
+V3 = dict(model_type="deepseek_v3", vocab_size=97, hidden_size=48, intermediate_size=80,
+          moe_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=24,
+          kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+          n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+          topk_group=2, topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5,
+          first_k_dense_replace=1, max_position_embeddings=64, num_nextn_predict_layers=1)
+CONFIGS = {
+    # V3: sigmoid router, groups, correction bias; q LoRA; interleaved RoPE; MTP module.
+    "v3": V3,
+    # No query compression, rotate-half RoPE, YaRN (softmax scale and cos/sin both scaled).
+    # (One MoE layer, no MTP: each config compiles its own programs.)
+    "v3_no_q_lora_yarn": dict(V3, q_lora_rank=None, rope_interleave=False, num_hidden_layers=1,
+                              first_k_dense_replace=0, num_nextn_predict_layers=0, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # V2: softmax router, group-limited greedy, never normalised; YaRN as V2-Lite (0.707).
+    "v2_yarn": dict(V3, model_type="deepseek_v2", topk_method="group_limited_greedy",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
+                    num_hidden_layers=1, first_k_dense_replace=0,
+                    rope_scaling={"type": "yarn", "factor": 4.0,
+                                  "original_max_position_embeddings": 16, "beta_fast": 32,
+                                  "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+}
+# Right-padded prompts of different lengths in one batch; every test uses these shapes so that
+# the compiled programs are shared.
+LENGTHS = np.array([5, 9, 2], np.int32)
+NEW = 10
+
+
+def random_model(cfg: dj.ModelConfig, seed: int = 0) -> dj.DeepSeek:
+  """Weights ~ N(0, 0.08^2) (logits spread well past float noise), norms 1 + N(0, 0.2^2),
+  non-zero router correction biases. Built abstractly and filled from numpy: nothing runs
+  eagerly op by op."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: dj.DeepSeek(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    noise = rng.standard_normal(x.shape).astype(x.dtype)
+    if "e_score_correction_bias" in jax.tree_util.keystr(path):
+      return 0.1 * noise
+    return 1.0 + 0.2 * noise if x.ndim == 1 else 0.08 * noise
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def prompts_for(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(0, cfg.vocab_size, (len(LENGTHS), LENGTHS.max())).astype(np.int32)
+  prompts[np.arange(LENGTHS.max())[None, :] >= LENGTHS[:, None]] = -1   # padding is ignored
+  return prompts
+
+
+# The reference: the model's own forward pass (one compiled program per model structure).
+_full_forward = nnx.jit(lambda model, tokens: (model(tokens).logits, model(tokens).mtp_logits))
+
+
+def recompute_greedy(model, prompts, lengths, max_new_tokens):
+  """Greedy tokens from full forward passes over each growing sequence (no cache). The
+  sequences sit right-padded in one fixed-width buffer: causal attention makes the logits at
+  a row's last token those of the row alone."""
+  b = len(lengths)
+  buf = np.zeros((b, lengths.max() + max_new_tokens), np.int32)
+  buf[:, :prompts.shape[1]] = np.maximum(prompts, 0)
+  cur, out = lengths.copy(), np.zeros((b, max_new_tokens), np.int32)
+  for i in range(max_new_tokens):
+    logits = np.asarray(_full_forward(model, jnp.asarray(buf))[0])
+    out[:, i] = logits[np.arange(b), cur - 1].argmax(-1)
+    buf[np.arange(b), cur] = out[:, i]
+    cur += 1
+  return out
+
+
+@pytest.fixture(scope="module")
+def v3():
+  cfg = dj.ModelConfig(**V3)
+  model = random_model(cfg)
+  prompts = prompts_for(cfg)
+  greedy = np.asarray(generate(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW))
+  return model, prompts, greedy
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_greedy_equals_full_recompute(name, v3):
+  if name == "v3":
+    model, prompts, tokens = v3
+  else:
+    model = random_model(dj.ModelConfig(**CONFIGS[name]), seed=1)
+    prompts = prompts_for(model.cfg, seed=1)
+    tokens = np.asarray(generate(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW))
+  assert tokens.shape == (len(LENGTHS), NEW) and tokens.dtype == np.int32
+  np.testing.assert_array_equal(tokens, recompute_greedy(model, prompts, LENGTHS, NEW))
+
+
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_absorbed_decode_logits_match_the_full_forward(impl):
+  """Prefill 16 tokens, then decode 2 at once (as a speculative verify step): main and MTP
+  logits equal the model's own forward at the same positions."""
+  cfg = dj.ModelConfig(**dict(V3, attention_impl=impl))
+  model = random_model(cfg, seed=2)
+  b, n = len(LENGTHS), LENGTHS.max() + NEW - 3       # the reference's shapes, compiled once
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, (b, n + 3)), jnp.int32)
+
+  @jax.jit
+  def cached(state, tokens):
+    model = nnx.merge(graphdef, state)
+    cache = LatentCache.create(cfg, b, n + 2, mtp_layers=1)
+    pos = jnp.broadcast_to(jnp.arange(n), (b, n))
+    h, cache = forward(model, tokens[:, :n], pos, cache, prefill=True)
+    h_mtp, cache = mtp_forward(model, h, tokens[:, 1:n + 1], pos, cache, prefill=True)
+    pos2 = jnp.broadcast_to(jnp.arange(n, n + 2), (b, 2))
+    h2, cache = forward(model, tokens[:, n:n + 2], pos2, cache)
+    h2_mtp, cache = mtp_forward(model, h2, tokens[:, n + 1:n + 3], pos2, cache)
+    return (jnp.concatenate([lm_logits(model, h), lm_logits(model, h2)], 1),
+            model.head(jnp.concatenate([h_mtp, h2_mtp], 1)))
+
+  graphdef, state = nnx.split(model)
+  logits, mtp_logits = cached(state, tokens)
+  full_logits, full_mtp_logits = _full_forward(model, tokens)
+  np.testing.assert_allclose(logits, full_logits[:, :n + 2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mtp_logits, full_mtp_logits[0, :, :n + 2], rtol=1e-5, atol=1e-5)
+
+
+def mtp_drafting_model(cfg, alpha=0.2):
+  """A model whose MTP module is a good draft: the main layers add only alpha-scaled updates
+  to the token embedding (so the next token depends mostly, not only, on the current one), and
+  the MTP block passes Emb(t_{i+1}) straight to the head (eh_proj = [I; 0], block outputs 0):
+  it predicts t_{i+2} as the main model would from t_{i+1} without context."""
+  model = random_model(cfg, seed=3)
+  h = cfg.hidden_size
+  for layer in model.layers:
+    layer.self_attn.o_proj.kernel[...] *= alpha
+    if layer.is_moe:
+      layer.mlp.experts.down_proj[...] *= alpha
+      layer.mlp.shared_experts.down_proj.kernel[...] *= alpha
+    else:
+      layer.mlp.down_proj.kernel[...] *= alpha
+  mtp = model.mtp[0]
+  mtp.eh_proj.kernel[...] = jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))])
+  mtp.enorm.weight[...] = jnp.ones((h,))
+  mtp.final_norm.weight[...] = model.norm.weight[...]
+  mtp.block.self_attn.o_proj.kernel[...] *= 0.0
+  mtp.block.mlp.experts.down_proj[...] *= 0.0
+  mtp.block.mlp.shared_experts.down_proj.kernel[...] *= 0.0
+  return model
+
+
+def test_mtp_speculative_equals_greedy_and_reports_acceptance(v3):
+  model, prompts, plain = v3
+  tokens, stats = generate_with_stats(model, prompts, prompt_lengths=LENGTHS,
+                                      max_new_tokens=NEW, speculative="mtp")
+  np.testing.assert_array_equal(tokens, plain)                 # random MTP: drafts rejected
+  assert 0.0 <= stats["acceptance_rate"] <= 1.0
+
+  drafting = mtp_drafting_model(model.cfg)
+  plain, plain_stats = generate_with_stats(drafting, prompts, prompt_lengths=LENGTHS,
+                                           max_new_tokens=NEW)
+  tokens, stats = generate_with_stats(drafting, prompts, prompt_lengths=LENGTHS,
+                                      max_new_tokens=NEW, speculative="mtp")
+  np.testing.assert_array_equal(tokens, plain)
+  assert 0.0 < stats["acceptance_rate"] < 1.0, stats          # both branches taken
+  assert stats["tokens_per_step"] > 1.0
+  assert stats["steps"] < plain_stats["steps"] == NEW - 1
+  np.testing.assert_array_equal(tokens, recompute_greedy(drafting, prompts, LENGTHS, NEW))
+
+
+def test_latent_cache_size_matches_accounting(v3):
+  model, prompts, _ = v3
+  cfg = model.cfg
+  _, stats = generate_with_stats(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW)
+  positions = len(LENGTHS) * stats["cache_len"]
+  assert stats["cache_len"] == LENGTHS.max() + NEW - 1
+  per_token = accounting.kv_cache_elements_per_token(cfg)           # (d_c + d_h^R) l
+  assert stats["cache_bytes"] == per_token * 4 * positions
+  cache = LatentCache.create(cfg, 2, 16, dtype=jnp.bfloat16)
+  assert cache.nbytes == per_token * 2 * 2 * 16
+  mha = accounting.kv_cache_elements_per_token(cfg, "mha")           # 2 n_h d_h l
+  expected = 2 * cfg.num_attention_heads * cfg.v_head_dim / (cfg.kv_lora_rank +
+                                                              cfg.qk_rope_head_dim)
+  assert mha * 2 * 2 * 16 / cache.nbytes == pytest.approx(expected) == 4.0
+  with_mtp = LatentCache.create(cfg, 2, 16, mtp_layers=1)
+  assert with_mtp.num_layers == cfg.num_hidden_layers + 1
+
+
+def test_sampling_seeded_and_restricted_by_top_k_top_p(v3):
+  model, prompts, greedy = v3
+  kw = dict(prompt_lengths=LENGTHS, max_new_tokens=NEW, temperature=1.0)
+  a = np.asarray(generate(model, prompts, seed=1, **kw))
+  np.testing.assert_array_equal(a, generate(model, prompts, seed=1, **kw))
+  assert not np.array_equal(a, generate(model, prompts, seed=2, **kw))
+  assert not np.array_equal(a, greedy)
+  np.testing.assert_array_equal(generate(model, prompts, seed=1, top_k=1, **kw), greedy)
+  np.testing.assert_array_equal(generate(model, prompts, seed=1, top_p=1e-6, **kw), greedy)
+
+
+def test_sample_support():
+  logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.1, 0.3, 0.05]]))
+  keys = jax.random.split(jax.random.key(0), 2000)
+  draw = jax.jit(jax.vmap(lambda k, top_k, top_p: sample(logits, k, temperature=1.0,
+                                                         top_k=top_k, top_p=top_p)[0],
+                          in_axes=(0, None, None)))
+  assert set(np.unique(draw(keys, 0, 1.0))) == {0, 1, 2, 3, 4}
+  assert set(np.unique(draw(keys, 2, 1.0))) == {1, 3}
+  assert set(np.unique(draw(keys, 0, 0.6))) == {1, 3}         # 0.5 < 0.6 <= 0.5 + 0.3
+  assert set(np.unique(draw(keys, 0, 0.85))) == {1, 2, 3}
+  assert set(np.unique(draw(keys, 0, 0.4))) == {1}
+  counts = np.bincount(draw(keys, 0, 1.0), minlength=5) / 2000
+  np.testing.assert_allclose(counts, [0.05, 0.5, 0.1, 0.3, 0.05], atol=0.04)
+
+
+def test_eos_stops_rows_and_the_loop(v3):
+  model, prompts, plain = v3
+  eos = int(plain[0, 3])
+  expected = plain.copy()
+  for row in expected:
+    hits = np.flatnonzero(row == eos)
+    if hits.size:
+      row[hits[0]:] = eos
+  for speculative in (None, "mtp"):
+    tokens = generate(model, prompts, prompt_lengths=LENGTHS, max_new_tokens=NEW, eos_id=eos,
+                      speculative=speculative)
+    np.testing.assert_array_equal(tokens, expected)
+  # Every row ends at step 3: the loop exits there.
+  same = np.repeat(prompts[:1], 3, axis=0)
+  lengths = np.repeat(LENGTHS[:1], 3)
+  tokens, stats = generate_with_stats(model, same, prompt_lengths=lengths, max_new_tokens=NEW,
+                                      eos_id=eos)
+  np.testing.assert_array_equal(tokens, np.repeat(expected[:1], 3, axis=0))
+  assert stats["steps"] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(prompts=np.zeros((0, 4), np.int32), prompt_lengths=None), "prompts are empty"),
+    (dict(prompts=np.zeros((2, 0), np.int32), prompt_lengths=None), "prompts are empty"),
+    (dict(prompt_lengths=[3, 4]), "3 integers"),
+    (dict(prompt_lengths=[3, 0, 2]), "must be >= 1"),
+    (dict(prompt_lengths=[3, 10, 2]), "exceed the prompts' width 9"),
+    (dict(max_new_tokens=60), "exceeds max_position_embeddings"),
+    (dict(prompts=np.full((3, 9), 97, np.int32)), r"outside the vocabulary \[0, 97\)"),
+    (dict(prompts=np.full((3, 9), -2, np.int32), prompt_lengths=None), "outside the vocab"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(eos_id=97), "eos_id"),
+    (dict(speculative="eagle"), "speculative must be one of"),
+    (dict(speculative="mtp", temperature=0.7), "greedily"),
+])
+def test_bad_arguments_raise_clear_errors(change, message):
+  model = random_model(dj.ModelConfig(**V3))
+  kw = dict(prompts=prompts_for(model.cfg), prompt_lengths=LENGTHS, max_new_tokens=4)
+  kw.update(change)
+  with pytest.raises(ValueError, match=message):
+    generate(model, kw.pop("prompts"), **kw)
+
+
+def test_speculative_needs_an_mtp_module():
+  model = random_model(dj.ModelConfig(**CONFIGS["v2_yarn"]))
+  with pytest.raises(ValueError, match="needs a model with an MTP module"):
+    generate(model, [[1, 2, 3]], speculative="mtp")
+
+
+# --- experiments/generate.py ----------------------------------------------------------------
+
+GENERATE_PY = os.path.join(ROOT, "experiments", "generate.py")
+
+
+def run_generate_py(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, GENERATE_PY, *flags], env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_generate_py_workdir_errors(tmp_path):
+  spec = importlib.util.spec_from_file_location("generate_py", GENERATE_PY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(ValueError, match="no config.json: not a training workdir"):
+    module.load_workdir(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"model": FAST}))
+  with pytest.raises(ValueError, match="has no checkpoints"):
+    module.load_workdir(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]      # nothing created
+
+
+def test_generate_py_on_a_trained_workdir(tmp_path):
+  trained = run_train_py(tmp_path, "--config.steps=2", "--config.checkpoint_every=2",
+                         "--config.eval_every=0")
+  assert trained.returncode == 0, trained.stdout[-2000:]
+  result = run_generate_py(f"--workdir={tmp_path}", "--prompt=Once upon", "--prompt=a",
+                           "--max_new_tokens=6", "--temperature=0.8", "--top_k=20", "--seed=3")
+  assert result.returncode == 0, result.stderr
+  assert f"loaded {tmp_path} at step 2" in result.stdout
+  assert ">>> Once upon\nOnce upon" in result.stdout and ">>> a\na" in result.stdout
+  assert "tokens/s" in result.stdout
+
+
+def test_generate_py_on_an_hf_dir_with_mtp_drafts(tmp_path):
+  cfg = dj.ModelConfig.preset("tiny", **FAST)                  # byte vocabulary (272)
+  dj.save_hf(random_model(cfg), str(tmp_path))
+  result = run_generate_py(f"--hf_dir={tmp_path}", "--prompt=Hi", "--max_new_tokens=6",
+                           "--speculative=mtp")
+  assert result.returncode == 0, result.stderr
+  assert ">>> Hi\nHi" in result.stdout and "MTP drafts: acceptance rate" in result.stdout
