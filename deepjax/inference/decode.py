@@ -12,7 +12,8 @@ attn_impl="absorb":
   o_{t,i} = W^UV_i o^C_{t,i};  u_t = W^O [o_{t,1}; ...; o_{t,n_h}]     (V2 eqs. 17-19)
 
 since q_{t,i} . k^C_{s,i} = q_{t,i} . W^UK_i c^KV_s and v^C_{s,i} = W^UV_i c^KV_s (V2 eqs. 10-11):
-per step each layer reads (d_c + d_h^R) numbers per cached token, never 2 n_h d_h.
+per step each layer reads (d_c + d_h^R) numbers per cached token, never 2 n_h d_h. The MoE
+layers of a decode step run only the experts the few new tokens chose (`chosen_experts`).
 
 All functions are pure in the cache: they return the updated LatentCache.
 """
@@ -26,6 +27,7 @@ import pallas_kernels as pk
 from deepjax.inference.cache import LatentCache, write
 from deepjax.model import DeepSeek
 from deepjax.model.block import DecoderLayer
+from deepjax.model.experts import RoutedExperts
 from deepjax.model.mla import MultiHeadLatentAttention
 from deepjax.model.mtp import MTPModule
 
@@ -67,10 +69,41 @@ def absorbed_attention(attn: MultiHeadLatentAttention, x, positions, latent, rop
   return attn.o_proj(o.reshape(b, t, cfg.num_attention_heads * cfg.v_head_dim)), latent, rope
 
 
+def chosen_experts(experts: RoutedExperts, x, weights, ids):
+  """sum_k g_{t,k} FFN_{e_{t,k}}(x_t) (V3 eq. 12's routed term), reading only the chosen
+  experts' weights: x [N, hidden], gates weights and expert ids [N, K] -> [N, hidden].
+
+  Decoding routes a handful of tokens, so the step is bound by reading expert weights; like
+  DeepSeek's inference/model.py, which runs only the experts that received tokens, each
+  (token, expert) pair gathers its expert's matrices and runs a batched matrix-vector product.
+  """
+  dt = jnp.dtype(experts.cfg.dtype)
+  n, k = ids.shape
+  take = lambda w: jnp.take(w[...], ids.reshape(-1), axis=0).astype(dt)   # noqa: E731
+  rows = jnp.repeat(x.astype(dt), k, axis=0)                                # [N*K, hidden]
+  h = jax.nn.silu(jnp.einsum("ph,phi->pi", rows, take(experts.gate_proj))) * \
+      jnp.einsum("ph,phi->pi", rows, take(experts.up_proj))
+  y = jnp.einsum("pi,pih->ph", h, take(experts.down_proj)).reshape(n, k, -1)
+  return jnp.einsum("nkh,nk->nh", y, weights.astype(dt))
+
+
 def feed_forward(layer: DecoderLayer, x):
-  if layer.is_moe:
-    return layer.mlp(x)[0]
-  return layer.mlp(x)
+  """The layer's dense MLP or MoE on x [B, T, hidden]. An MoE whose routed (token, expert)
+  pairs are no more than its experts (decoding) runs only the chosen experts; otherwise the
+  model's own dispatch."""
+  if not layer.is_moe:
+    return layer.mlp(x)
+  moe, cfg = layer.mlp, layer.mlp.experts.cfg
+  b, t, hidden = x.shape
+  if b * t * cfg.num_experts_per_tok > cfg.n_routed_experts:
+    return moe(x)[0]
+  flat = x.reshape(b * t, hidden)
+  routing = moe.gate(flat)                                                  # V3 eqs. 13-16
+  y = chosen_experts(moe.experts, flat, routing.weights, routing.experts)
+  y = y.reshape(b, t, hidden).astype(x.dtype)
+  if moe.shared_experts is not None:
+    y = y + moe.shared_experts(x)
+  return y
 
 
 def decoder_layer(layer: DecoderLayer, h, positions, cache: LatentCache, index: int, *,

@@ -9,9 +9,10 @@ greedily or by sampling. The cache buffers are donated to the program. The loop 
 max_new_tokens or, with an eos_id, as soon as every row has emitted it; a finished row emits
 eos_id from then on.
 
-Greedy decoding gives exactly the tokens that full forward passes over the growing sequence
-would pick. speculative="mtp" drafts with the model's MTP module (deepjax.inference.speculative)
-and gives the same greedy tokens in fewer steps.
+Greedy decoding gives the tokens that full forward passes over the growing sequence would pick
+(the cached logits equal those of the full pass to float rounding). speculative="mtp" drafts
+with the model's MTP module (deepjax.inference.speculative): the same greedy tokens, in fewer
+decode steps when its drafts are accepted.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def generate_with_stats(model: DeepSeek, prompts, *, prompt_lengths=None,
   # Decoding runs positions up to lengths + max_new_tokens - 2; verifying a draft one further.
   cache = LatentCache.create(cfg, b, w + max_new_tokens - 1 + mtp_layers, mtp_layers=mtp_layers)
   cache_len, cache_bytes = cache.max_len, cache.nbytes
-  mode = speculative or ("greedy" if temperature == 0 else "sample")
   graphdef, state = nnx.split(model)
   out, counters, _ = _generate(
       graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
       jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-      jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens, mode=mode)
+      jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens,
+      speculative=speculative)
   counters = {k: int(v) for k, v in jax.device_get(counters).items()}
   stats = dict(steps=counters["steps"], tokens_per_step=1.0, acceptance_rate=None,
                cache_len=cache_len, cache_bytes=cache_bytes)
@@ -89,20 +90,22 @@ def generate_with_stats(model: DeepSeek, prompts, *, prompt_lengths=None,
   return out, stats
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "mode"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "speculative"),
                    donate_argnames=("cache",))
 def _generate(graphdef, state, cache, prompts, lengths, key, temperature, top_k, top_p, eos_id,
-              *, max_new_tokens: int, mode: str):
+              *, max_new_tokens: int, speculative: str | None):
   model = nnx.merge(graphdef, state)
-  if mode == "mtp":
+  if speculative == "mtp":
     return mtp_speculative_generate(model, prompts, lengths, cache, eos_id,
                                     max_new_tokens=max_new_tokens)
 
   def choose(logits, i):
-    if mode == "greedy":
-      return greedy(logits)
-    return sample(logits, jax.random.fold_in(key, i), temperature=temperature, top_k=top_k,
-                  top_p=top_p)
+    # The sampling settings are traced: one program serves greedy and every temperature,
+    # top-k and top-p, and only the branch taken runs.
+    return jax.lax.cond(
+        temperature == 0, lambda: greedy(logits),
+        lambda: sample(logits, jax.random.fold_in(key, i), temperature=temperature,
+                       top_k=top_k, top_p=top_p))
 
   return decode_loop(model, prompts, lengths, cache, choose, eos_id,
                      max_new_tokens=max_new_tokens)

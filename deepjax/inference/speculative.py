@@ -76,7 +76,8 @@ def mtp_speculative_generate(model: DeepSeek, prompts, lengths, cache: LatentCac
                 pending=jnp.where(act, last, c["pending"]),
                 draft=jnp.where(act, draft, c["draft"]),
                 done=c["done"] | (act & (last == eos_id)), steps=c["steps"] + 1,
-                verified=c["verified"] + jnp.sum(act), accepted=c["accepted"] + jnp.sum(act & accept),
+                verified=c["verified"] + jnp.sum(act),
+                accepted=c["accepted"] + jnp.sum(act & accept),
                 emitted=c["emitted"] + jnp.sum(emitted))
 
   c = jax.lax.while_loop(lambda c: jnp.any(active(c)), step, carry)
