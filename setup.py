@@ -25,10 +25,11 @@ setup(
         "tokenizers",
         "array-record",
         "tensorboardX",
+        "matplotlib",  # the training loop writes loss and expert-load plots
     ],
     extras_require={
         # torch: install the CPU build first (pip install torch==2.13.0), see BUILD.md.
         "test": ["pytest", "pytest-timeout", "torch", "transformers>=5.0"],
-        "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
 )
