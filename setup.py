@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         # torch: install the CPU build first (pip install torch==2.13.0), see BUILD.md.
-        "test": ["pytest", "pytest-timeout", "torch", "transformers>=5.0"],
+        "test": ["pytest", "pytest-timeout", "torch", "transformers>=5.0", "nbclient", "nbformat",
+                 "ipykernel"],
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
 )

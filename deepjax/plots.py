@@ -7,17 +7,17 @@ import os
 import numpy as np
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
+def _figure(**kwargs):
+  """A figure outside pyplot: drawing it to a file neither needs nor changes the process's
+  matplotlib backend (a notebook keeps its inline plots)."""
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
 
 
 def loss_curves(records: list[dict], path: str) -> str:
   """Train LM / MTP / total loss and eval LM loss against step."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = _figure(figsize=(7, 4))
+  ax = fig.subplots()
   steps = [r["step"] for r in records]
   for key, label in (("loss", "total"), ("lm_loss", "LM"), ("mtp_loss", "MTP")):
     if all(key in r for r in records):
@@ -31,7 +31,6 @@ def loss_curves(records: list[dict], path: str) -> str:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
@@ -40,9 +39,9 @@ def expert_load(records: list[dict], path: str) -> str | None:
   loads = [r for r in records if r.get("expert_load") is not None]
   if not loads:
     return None
-  plt = _pyplot()
   last = np.asarray(loads[-1]["expert_load"])
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+  fig = _figure(figsize=(11, 3.8))
+  ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
   image = ax.imshow(last, aspect="auto", cmap="viridis")
   ax.set_xlabel("expert")
   ax.set_yticks(range(last.shape[0]))
@@ -55,7 +54,6 @@ def expert_load(records: list[dict], path: str) -> str | None:
   ax2.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
   return path
 
 
