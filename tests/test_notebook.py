@@ -35,6 +35,7 @@ def test_tour_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("DEEPJAX_TOUR_STEPS", "3")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")          # one CPU device, not conftest's eight
+  monkeypatch.setenv("TMPDIR", str(tmp_path))   # the notebook's training workdir
   run_dir = tmp_path / "run"
   run_dir.mkdir()
 
