@@ -22,6 +22,7 @@ from deepjax import accounting
 from deepjax.checkpoint.manager import CheckpointManager
 from deepjax.config import ModelConfig
 from deepjax.parallel import batch_sharding, check_divisibility, make_mesh
+from deepjax.train.balance import max_violation
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -103,13 +104,27 @@ def _check_vocabulary(batch: dict, vocab_size: int) -> None:
 
 
 def evaluate(eval_step, state, batches: Iterator[dict], steps: int, sharding) -> dict:
-  totals = {"lm_loss": 0.0, "mtp_loss": 0.0, "tokens": 0.0}
+  """Held-out LM and MTP loss and top-1 accuracy; with MTP the agreement of depth 1 with the
+  main head; with MoE layers MaxVio_global: MaxVio of the loads summed over all eval batches
+  (Wang et al. 2024 §4.1), averaged over layers like the training metric `max_vio`."""
+  totals = {}
   for _, batch in zip(range(steps), batches):
     out = jax.device_get(eval_step(state, _global_batch(batch, sharding)))
-    for key in totals:
-      totals[key] += float(out[key])
-  tokens = max(totals["tokens"], 1.0)
-  return {"eval_lm_loss": totals["lm_loss"] / tokens, "eval_mtp_loss": totals["mtp_loss"] / tokens}
+    for key, value in out.items():
+      totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+  tokens = max(float(totals.get("tokens", 0.0)), 1.0)
+  record = {"eval_lm_loss": float(totals.get("lm_loss", 0.0)) / tokens,
+            "eval_mtp_loss": float(totals.get("mtp_loss", 0.0)) / tokens,
+            "eval_lm_accuracy": float(totals.get("lm_correct", 0.0)) / tokens}
+  if "mtp_correct" in totals:
+    record["eval_mtp_accuracy"] = (totals["mtp_correct"] /
+                                   np.maximum(totals["mtp_tokens"], 1.0)).tolist()
+    record["eval_mtp_agreement"] = float(totals["mtp_agree"]) / max(totals["mtp_tokens"][0], 1.0)
+  if "loads" in totals:
+    violation = np.asarray(max_violation(totals["loads"]))
+    record["eval_max_vio"] = float(np.mean(violation))
+    record["eval_max_vio_per_layer"] = violation.tolist()
+  return record
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,

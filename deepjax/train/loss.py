@@ -1,5 +1,6 @@
-"""Training objective (DeepSeek-V3 §2.2-2.3): next-token cross-entropy, the MTP losses and the
-complementary sequence-wise balance loss. Targets never cross document boundaries."""
+"""Training objective (DeepSeek-V3 §2.2-2.3): next-token cross-entropy, the MTP losses and a
+balance loss, either V3's complementary sequence-wise loss or the classic expert-level auxiliary
+loss over the batch. Targets never cross document boundaries."""
 
 import flax.struct
 import jax
@@ -14,7 +15,7 @@ class Losses:
   total: jax.Array
   lm: jax.Array          # mean next-token cross-entropy over valid targets
   mtp: jax.Array         # (1/D) sum_k L_MTP^k  (V3 eq. 25 without lambda)
-  balance: jax.Array     # sum_i f_i P_i, averaged over rows and MoE layers (eq. 17 without alpha)
+  balance: jax.Array     # sum_i f_i P_i averaged over MoE layers (and rows if sequence-wise)
   tokens: jax.Array      # number of valid next-token targets
 
 
@@ -24,6 +25,28 @@ def cross_entropy(logits, targets, mask):
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   count = jnp.sum(mask)
   return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(count, 1), count
+
+
+def correct_predictions(logits, targets, mask):
+  """Number of positions where mask is true and the argmax of logits is the target."""
+  return jnp.sum((jnp.argmax(logits, axis=-1) == targets) & mask)
+
+
+def prediction_counts(out: ModelOutput, tokens, segment_ids) -> dict:
+  """Top-1 counts over a batch: lm_correct (main head on t_{i+1}); with MTP, mtp_correct and
+  mtp_tokens per depth k (on t_{i+k+1}), and mtp_agree: positions where depth 1's argmax at i
+  equals the main head's argmax at i+1. Both predict t_{i+2}, so mtp_agree / mtp_tokens[0] is a
+  teacher-forced proxy for the acceptance rate of MTP speculative decoding (V3 §5.4.3)."""
+  targets, mask = next_token_targets(tokens, segment_ids, 1)
+  counts = {"lm_correct": correct_predictions(out.logits, targets, mask)}
+  if out.mtp_logits is not None:
+    depths = [next_token_targets(tokens, segment_ids, k + 2) for k in range(len(out.mtp_logits))]
+    counts["mtp_correct"] = jnp.stack([correct_predictions(logits, t, m)
+                                       for logits, (t, m) in zip(out.mtp_logits, depths)])
+    counts["mtp_tokens"] = jnp.stack([jnp.sum(m) for _, m in depths])
+    main_next = jnp.pad(jnp.argmax(out.logits, -1)[:, 1:], ((0, 0), (0, 1)))
+    counts["mtp_agree"] = correct_predictions(out.mtp_logits[0], main_next, depths[0][1])
+  return counts
 
 
 def sequence_balance_loss(counts, affinity, token_counts, top_k: int):
@@ -36,8 +59,20 @@ def sequence_balance_loss(counts, affinity, token_counts, top_k: int):
   return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
+def batch_balance_loss(counts, affinity, token_counts, top_k: int):
+  """The expert-level auxiliary loss (DeepSeekMoE eqs. 12-14, GShard; Wang et al. 2024 eq. 3):
+  sum_i f_i P_i with f_i and P_i counted over all tokens of the batch rather than per row."""
+  return sequence_balance_loss(jnp.sum(counts, 1, keepdims=True),
+                               jnp.sum(affinity, 1, keepdims=True),
+                               jnp.sum(token_counts, keepdims=True), top_k)
+
+
+BALANCE_LOSSES = {"sequence": sequence_balance_loss, "batch": batch_balance_loss}
+
+
 def training_losses(out: ModelOutput, tokens, segment_ids, *, top_k: int, mtp_weight: float,
-                    balance_weight: float) -> Losses:
+                    balance_weight: float, balance_scope: str = "sequence") -> Losses:
+  """balance_scope: "sequence" (V3 eq. 17, per row) or "batch" (the expert-level aux loss)."""
   targets, mask = next_token_targets(tokens, segment_ids, 1)
   lm, count = cross_entropy(out.logits, targets, mask)
   mtp = jnp.zeros((), jnp.float32)
@@ -49,6 +84,6 @@ def training_losses(out: ModelOutput, tokens, segment_ids, *, top_k: int, mtp_we
   balance = jnp.zeros((), jnp.float32)
   if out.router is not None:
     valid = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.float32)
-    balance = sequence_balance_loss(out.router.counts, out.router.affinity, valid, top_k)
+    balance = BALANCE_LOSSES[balance_scope](out.router.counts, out.router.affinity, valid, top_k)
   total = lm + mtp_weight * mtp + balance_weight * balance
   return Losses(total=total, lm=lm, mtp=mtp, balance=balance, tokens=count)

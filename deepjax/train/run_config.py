@@ -24,7 +24,8 @@ def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   for field in ("learning_rate", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
                 "weight_decay", "grad_clip"):
     c[field] = getattr(opt, field)
-  for field in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed"):
+  for field in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed",
+                "balance_loss_scope"):
     c[field] = getattr(objective, field)
   c.mesh = ml_collections.ConfigDict(dict(train.mesh))
   c.data = ml_collections.ConfigDict({

@@ -15,7 +15,7 @@ from flax import nnx
 
 from deepjax.parallel import batch_sharding
 from deepjax.train.balance import expert_loads, max_violation, updated_biases
-from deepjax.train.loss import training_losses
+from deepjax.train.loss import BALANCE_LOSSES, prediction_counts, training_losses
 from deepjax.train.state import TrainState, replicated, split_model
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
@@ -24,8 +24,14 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
   mtp_loss_weight: float = 0.3         # lambda (V3 §2.2: 0.3 then 0.1)
-  balance_loss_weight: float = 1e-4    # alpha of the sequence-wise loss (V3 eq. 17)
+  balance_loss_weight: float = 1e-4    # alpha of the balance loss (V3 eq. 17)
   bias_update_speed: float = 1e-3      # gamma of aux-loss-free balancing (V3 §2.1.2)
+  balance_loss_scope: str = "sequence"  # "sequence" (V3) or "batch" (expert-level aux loss)
+
+  def __post_init__(self):
+    if self.balance_loss_scope not in BALANCE_LOSSES:
+      raise ValueError(f"balance_loss_scope must be one of {sorted(BALANCE_LOSSES)}, got "
+                       f"{self.balance_loss_scope!r}")
 
 
 def _forward(graphdef, params, biases, batch):
@@ -34,15 +40,20 @@ def _forward(graphdef, params, biases, batch):
                       segment_ids=batch["segment_ids"])
 
 
+def _losses(model, out, batch, objective: ObjectiveConfig):
+  return training_losses(out, batch["tokens"], batch["segment_ids"],
+                         top_k=model.cfg.num_experts_per_tok,
+                         mtp_weight=objective.mtp_loss_weight,
+                         balance_weight=objective.balance_loss_weight,
+                         balance_scope=objective.balance_loss_scope)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, objective:
                     ObjectiveConfig, shardings: TrainState, mesh):
   def step(state: TrainState, batch):
     def loss_fn(params):
       model, out = _forward(graphdef, params, state.biases, batch)
-      losses = training_losses(out, batch["tokens"], batch["segment_ids"],
-                               top_k=model.cfg.num_experts_per_tok,
-                               mtp_weight=objective.mtp_loss_weight,
-                               balance_weight=objective.balance_loss_weight)
+      losses = _losses(model, out, batch, objective)
       return losses.total, (losses, out.router)
 
     (_, (losses, router)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -75,14 +86,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
 
 
 def make_eval_step(graphdef, objective: ObjectiveConfig, shardings: TrainState, mesh):
+  """Sums over one batch: losses times tokens, top-1 prediction counts (loss.prediction_counts)
+  and, with MoE layers, expert loads [L, E] (for MaxVio_global)."""
   def evaluate(state: TrainState, batch):
     model, out = _forward(graphdef, state.params, state.biases, batch)
-    losses = training_losses(out, batch["tokens"], batch["segment_ids"],
-                             top_k=model.cfg.num_experts_per_tok,
-                             mtp_weight=objective.mtp_loss_weight,
-                             balance_weight=objective.balance_loss_weight)
-    return dict(lm_loss=losses.lm * losses.tokens, mtp_loss=losses.mtp * losses.tokens,
-                tokens=losses.tokens)
+    losses = _losses(model, out, batch, objective)
+    sums = dict(lm_loss=losses.lm * losses.tokens, mtp_loss=losses.mtp * losses.tokens,
+                tokens=losses.tokens,
+                **prediction_counts(out, batch["tokens"], batch["segment_ids"]))
+    if out.router is not None:
+      sums["loads"] = expert_loads(out.router.counts)
+    return sums
 
   batch_shardings = {k: batch_sharding(mesh) for k in BATCH_KEYS}
   return jax.jit(evaluate, in_shardings=(shardings, batch_shardings),
