@@ -16,13 +16,14 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ATTENTION_IMPLS = ("xla", "pallas")
-# moe_impl: "blocked" is the fast exact path on CPU (block-padded batched matmuls); ragged_dot
-# and pallas use grouped matmuls; dense runs every expert on every token.
+# moe_impl: "blocked" is the fast exact path on CPU (block-padded batched matmuls; the tiny and
+# small presets use it); ragged_dot and pallas use grouped matmuls (XLA:CPU runs ragged_dot as
+# densely as "dense"); dense runs every expert on every token.
 MOE_IMPLS = ("dense", "ragged_dot", "pallas", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # deepjax fields: not part of transformers' config.json.
-DEEPJAX_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl")
+DEEPJAX_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "moe_capacity_factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention_impl: str = "xla"
   moe_impl: str = "ragged_dot"
+  # Expert parallelism only: None exchanges tokens dropless; c > 0 gives each device pair
+  # c * (its fair share) slots per step and drops the copies beyond (deepjax.model.expert_parallel).
+  moe_capacity_factor: float | None = None
 
   def __hash__(self):
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -145,6 +149,8 @@ class ModelConfig:
     choice("moe_impl", MOE_IMPLS)
     choice("dtype", DTYPES)
     choice("param_dtype", DTYPES)
+    if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+      fail("moe_capacity_factor", f"must be positive or None, got {self.moe_capacity_factor}")
     if self.hidden_act != "silu":
       fail("hidden_act", f"only 'silu' (SwiGLU experts) is supported, got {self.hidden_act!r}")
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -295,7 +301,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
         topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,
         first_k_dense_replace=1, max_position_embeddings=1024, num_nextn_predict_layers=1,
-        bos_token_id=256, eos_token_id=257, pad_token_id=258),
+        bos_token_id=256, eos_token_id=257, pad_token_id=258, moe_impl="blocked"),
     # ~100M total parameters: a research-scale V3 shape for single-host GPU/TPU runs.
     "small": dict(
         model_type="deepseek_v3", vocab_size=32768, hidden_size=512, intermediate_size=1536,
@@ -303,7 +309,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
         n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
         topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,
-        first_k_dense_replace=1, max_position_embeddings=4096, num_nextn_predict_layers=1),
+        first_k_dense_replace=1, max_position_embeddings=4096, num_nextn_predict_layers=1,
+        moe_impl="blocked"),
     # deepseek-ai/DeepSeek-V2-Lite config.json (15.7B total, 2.4B activated).
     "v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,

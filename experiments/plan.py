@@ -43,7 +43,10 @@ def main(argv):
   print("| per device | GiB |\n|---|---|")
   for name, value in rows:
     print(f"| {name} | {value / GiB:,.2f} |")
-  print(f"\nall-to-all per step (leaving each device): {p.all_to_all_bytes / GiB:,.2f} GiB")
+  capacity = model_cfg.moe_capacity_factor
+  print(f"\nall-to-all per step (leaving each device): {p.all_to_all_bytes / GiB:,.2f} GiB "
+        f"({'dropless' if capacity is None else f'capacity factor {capacity}'}; "
+        f"--config.model.moe_capacity_factor sets it)")
   print(f"FLOPs per step: {p.flops_per_step:.3e} ({p.flops_per_step / _DEVICES.value:.3e} "
         f"per device)")
 

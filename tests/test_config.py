@@ -6,14 +6,15 @@ import pytest
 import transformers
 
 import deepjax as dj
+from deepjax.config import DEEPJAX_FIELDS
 from hf_reference import SMALL_V2, SMALL_V3
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "v2-lite", "v3"])
 def test_presets_round_trip_through_hf(name):
   cfg = dj.ModelConfig.preset(name)
-  again = dj.ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())),
-                                 dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  deepjax_fields = {f: getattr(cfg, f) for f in DEEPJAX_FIELDS}    # not in config.json
+  again = dj.ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())), **deepjax_fields)
   assert again == cfg and hash(again) == hash(cfg)
 
 

@@ -31,7 +31,7 @@ def tokens():
   return np.random.default_rng(0).integers(0, 97, size=(2, 21)).astype(np.int32)
 
 
-IMPLS = [("xla", "ragged_dot"), ("xla", "dense"), ("pallas", "pallas")]
+IMPLS = [("xla", "ragged_dot"), ("xla", "dense"), ("xla", "blocked"), ("pallas", "pallas")]
 SLOW_IMPLS = [("pallas", "dense"), ("pallas", "ragged_dot"), ("xla", "pallas")]
 
 

@@ -35,9 +35,16 @@ def test_v3_all_to_all_and_flops():
            batch_size=4096, seq_len=4096)
   tokens = 4096 * 4096 // devices
   assert p.tokens_per_device == tokens
-  # dispatch + combine, forward + backward; top-8 copies of 7168 bf16 values per token.
-  per_layer = 4 * tokens * 8 * 7168 * 2 * (expert - 1) // expert
+  # Dropless: each device's send buffer holds, for each of the 64 peers, room for all its
+  # top-8 copies of 7168 bf16 values; dispatch + combine, forward + backward.
+  per_layer = 4 * expert * tokens * 8 * 7168 * 2 * (expert - 1) // expert
   assert p.all_to_all_bytes == pytest.approx(MOE_LAYERS * per_layer, rel=1e-6)
+  # Capacity factor 1.25: 1.25x the copies' fair share per peer.
+  capped = plan(V3.replace(moe_capacity_factor=1.25),
+                {"data": 1, "fsdp": -1, "expert": expert, "tensor": 1}, devices,
+                batch_size=4096, seq_len=4096)
+  per_layer = 4 * (tokens * 8 * 5 // 4) * 7168 * 2 * (expert - 1) // expert
+  assert capped.all_to_all_bytes == pytest.approx(MOE_LAYERS * per_layer, rel=1e-6)
   assert p.flops_per_step == pytest.approx(accounting.flops_per_token(V3, 4096) * 4096 * 4096)
 
 

@@ -39,9 +39,11 @@ def synthetic_data(config):
                            vocab_size=config.model.vocab_size)
 
 
-def run_train_py(workdir, *flags, timeout=600, background=False):
-  """Runs experiments/train.py in a subprocess (CPU, one device); Popen if background."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+def run_train_py(workdir, *flags, timeout=600, background=False, devices=1):
+  """Runs experiments/train.py in a subprocess (CPU, `devices` simulated devices); Popen if
+  background."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "")
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--workdir={workdir}",
          *FAST_FLAGS, *flags]
   if background:

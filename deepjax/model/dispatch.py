@@ -50,17 +50,32 @@ def block_size_for(num_pairs: int, num_experts: int, max_block: int = 128) -> in
   return b
 
 
-def block_layout(experts: jax.Array, num_experts: int, block_size: int) -> BlockLayout:
-  """Layout of the routed pairs `experts` [N, K] (expert ids), grouped by expert in pair order.
+# Up to this many N*K x E entries the ranks come from a one-hot running count (cheap on CPU);
+# beyond it (V3-sized routing) from a stable sort, which needs no [N*K, E] array.
+ONE_HOT_RANK_LIMIT = 1 << 22
 
-  No sort: a pair's rank within its expert is a running count over a one-hot of the choices,
-  and its padded row is its expert's (block-aligned) start plus that rank.
-  """
+
+def rank_within_group(flat: jax.Array, num_experts: int):
+  """(rank of each entry of `flat` [M] among the earlier entries with its value, entries per
+  value) for values in [0, num_experts)."""
+  if flat.size * num_experts <= ONE_HOT_RANK_LIMIT:
+    one_hot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]).astype(
+        jnp.int32)
+    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), flat[:, None], axis=1)[:, 0] - 1
+    return rank, jnp.sum(one_hot, axis=0)
+  order = jnp.argsort(flat, stable=True)
+  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  starts = jnp.cumsum(counts) - counts
+  ranks_sorted = jnp.arange(flat.size, dtype=jnp.int32) - starts[flat[order]]
+  return jnp.zeros_like(flat).at[order].set(ranks_sorted, unique_indices=True), counts
+
+
+def block_layout(experts: jax.Array, num_experts: int, block_size: int) -> BlockLayout:
+  """Layout of the routed pairs `experts` [N, K] (expert ids), grouped by expert in pair order:
+  a pair's padded row is its expert's (block-aligned) start plus its rank within the expert."""
   num_pairs = experts.size
   flat = experts.reshape(-1).astype(jnp.int32)
-  one_hot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]).astype(jnp.int32)
-  rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), flat[:, None], axis=1)[:, 0] - 1
-  counts = jnp.sum(one_hot, axis=0)
+  rank, counts = rank_within_group(flat, num_experts)
   padded = (counts + block_size - 1) // block_size * block_size
   ends = jnp.cumsum(padded)
   position = (ends - padded)[flat] + rank
@@ -115,12 +130,14 @@ def blocked_experts(x, weights, experts, w_gate, w_up, w_down, block_size: int):
 
   x [N, H]; weights, experts [N, K]; w_gate, w_up [E, H, I]; w_down [E, I, H] -> [N, H].
   """
-  n, k = experts.shape
+  k = experts.shape[1]
   num_experts, hidden = w_gate.shape[0], x.shape[-1]
   layout = block_layout(experts, num_experts, block_size)
   rows = dispatch(x, layout, k).reshape(-1, block_size, hidden)       # [blocks, b, H]
-  per_block = lambda w: jnp.take(w, layout.block_expert, axis=0)      # noqa: E731
-  h = jax.nn.silu(jnp.einsum("bmh,bhi->bmi", rows, per_block(w_gate))) * \
-      jnp.einsum("bmh,bhi->bmi", rows, per_block(w_up))
-  y = jnp.einsum("bmi,bih->bmh", h, per_block(w_down)).reshape(-1, hidden)
-  return jnp.einsum("nkh,nk->nh", collect(y, layout, k), weights.astype(y.dtype))
+  per_block = lambda w: jnp.take(w, layout.block_expert, axis=0, mode="clip")  # noqa: E731
+  # gate and up projections as one matmul against [E, H, 2I]: one pass over the rows.
+  gate_up = jnp.einsum("bmh,bhi->bmi", rows, per_block(jnp.concatenate([w_gate, w_up], -1)))
+  gate, up = jnp.split(gate_up, 2, axis=-1)
+  y = jnp.einsum("bmi,bih->bmh", jax.nn.silu(gate) * up, per_block(w_down))
+  return jnp.einsum("nkh,nk->nh", collect(y.reshape(-1, hidden), layout, k),
+                    weights.astype(y.dtype))

@@ -6,7 +6,9 @@ copies of the tokens are sorted by expert and run through grouped matmuls (jax.l
 or pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
 dropless too, the routed copies grouped by expert in equal blocks and run as one batched matmul
 (deepjax.model.dispatch); its cost follows the active FLOPs on every backend, the fast path on
-CPU, where ragged_dot costs as much as `dense`.
+CPU, where ragged_dot costs as much as `dense`. Under a mesh whose `expert` axis is > 1, the
+experts are sharded and tokens reach them by all-to-all (deepjax.model.expert_parallel), with
+the grouped matmul of `moe_impl` (ragged_dot unless `pallas`).
 """
 
 import jax
@@ -15,6 +17,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
+from deepjax.model import expert_parallel
 from deepjax.model.dispatch import block_size_for, blocked_experts, padded_rows
 from deepjax.model.layers import param
 
@@ -33,11 +36,22 @@ class RoutedExperts(nnx.Module):
     self.up_proj = param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pdt, std)
     self.down_proj = param(rngs, (e, i, h), ("expert", "expert_mlp", "embed"), pdt, std)
 
-  def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
-    """x [N, H], gates weights [N, K] and expert ids [N, K] -> sum_k g_k FFN_{e_k}(x) [N, H]."""
+  def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """x [N, H], gates weights [N, K] and expert ids [N, K] -> (sum_k g_k FFN_{e_k}(x) [N, H],
+    the number of routed copies dropped by a capacity limit: only expert parallelism has one)."""
     dt = jnp.dtype(self.cfg.dtype)
     x = x.astype(dt)
     wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
+    mesh = jax.sharding.get_abstract_mesh()
+    if expert_parallel.is_active(mesh):
+      return expert_parallel.routed_experts(
+          x, weights, experts, wg, wu, wd, mesh=mesh, gmm=grouped_matmul_fn(self.cfg.moe_impl),
+          capacity_factor=self.cfg.moe_capacity_factor)
+    return self._local(x, weights, experts, wg, wu, wd), jnp.zeros((), jnp.int32)
+
+  def _local(self, x, weights, experts, wg, wu, wd):
+    """Every expert on this device: the dispatch `moe_impl` names."""
     if self.cfg.moe_impl == "blocked":
       n, k = experts.shape
       e = wg.shape[0]

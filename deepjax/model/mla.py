@@ -11,6 +11,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
+from deepjax.model import attention
 from deepjax.model.layers import Dense
 from deepjax.model.norm import RMSNorm
 from deepjax.model.rope import apply_rope
@@ -20,8 +21,9 @@ LATENT_NORM_EPS = 1e-6
 
 
 def attention_fn(impl: str):
-  """The attention implementation behind `attention_impl`: the Pallas kernel or plain XLA."""
-  return pk.mla_attention if impl == "pallas" else pk.reference.mla_attention
+  """The attention implementation behind `attention_impl`: the Pallas kernel, or plain XLA
+  (deepjax.model.attention: chunked, with a hand-written backward pass)."""
+  return pk.mla_attention if impl == "pallas" else attention.mla_attention
 
 
 class MultiHeadLatentAttention(nnx.Module):

@@ -21,9 +21,12 @@ class RouterStats:
   counts: how many of the row's tokens chose each expert (load; sums to T*K per row).
   affinity: sum over the row's tokens of s_{i,t} / sum_j s_{j,t} (V3 eq. 19's numerator terms).
   Padding tokens (segment id 0) are left out of both.
+  dropped: the share of the layer's N*K routed copies that an expert-parallel capacity limit
+  dropped (scalar per layer; [L] stacked).
   """
   counts: jax.Array
   affinity: jax.Array
+  dropped: jax.Array
 
 
 class MoE(nnx.Module):
@@ -40,7 +43,8 @@ class MoE(nnx.Module):
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     routing = self.gate(flat)
-    y = self.experts(flat, routing.weights, routing.experts).reshape(b, t, h).astype(x.dtype)
+    y, dropped = self.experts(flat, routing.weights, routing.experts)
+    y = y.reshape(b, t, h).astype(x.dtype)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)
     e, k = routing.scores.shape[-1], routing.experts.shape[-1]
@@ -50,4 +54,4 @@ class MoE(nnx.Module):
         jnp.repeat(valid.reshape(-1), k))
     normalised = routing.scores / jnp.sum(routing.scores, axis=-1, keepdims=True)
     affinity = jnp.einsum("bte,bt->be", normalised.reshape(b, t, e), valid)
-    return y, RouterStats(counts=counts, affinity=affinity)
+    return y, RouterStats(counts=counts, affinity=affinity, dropped=dropped / (b * t * k))

@@ -80,8 +80,7 @@ class DeepSeek(nnx.Module):
 
     router = None
     if stats:
-      router = RouterStats(counts=jnp.stack([s.counts for s in stats]),
-                           affinity=jnp.stack([s.affinity for s in stats]))
+      router = jax.tree.map(lambda *layers: jnp.stack(layers), *stats)
     return ModelOutput(logits=logits, mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
                        router=router, hidden=normed)
 

@@ -6,9 +6,12 @@ counted per device. Assumptions, stated where they are used:
 - parameters and gradients are in param_dtype; AdamW keeps two moments of the same shapes;
 - activations: the inputs of every matmul of every layer are kept for the backward pass (no
   rematerialisation; attention probabilities are recomputed, as flash attention does);
-- expert parallelism moves each routed token copy to its expert's device and back (dispatch
-  and combine), forward and backward: 4 all-to-alls of tokens x top_k x hidden per MoE layer,
-  of which the fraction (expert - 1) / expert leaves the device.
+- expert parallelism (deepjax.model.expert_parallel) exchanges a send buffer of `expert` x C
+  slots of hidden values per MoE layer, four times (dispatch and combine, forward and
+  backward), of which the fraction (expert - 1) / expert leaves the device. With a capacity
+  factor c, C = c x tokens x top_k / expert; dropless (no factor), C = tokens x top_k, `expert`
+  times more: set `moe_capacity_factor` for large expert axes. The int32 expert ids sent with
+  the dispatch are left out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from jax.sharding import AbstractMesh
 
 from deepjax import accounting
 from deepjax.config import ModelConfig
-from deepjax.model import DeepSeek
+from deepjax.model import DeepSeek, expert_parallel
 from deepjax.parallel.mesh import MESH_AXES, batch_size_per_shard, check_divisibility, mesh_shape
 from deepjax.parallel.sharding import logical_spec
 
@@ -107,8 +110,9 @@ def plan(cfg: ModelConfig, mesh_sizes: dict, num_devices: int, *, batch_size: in
   activations //= mesh.shape["tensor"]                          # tensor-parallel matmuls split
   moe_layers = sum(cfg.is_moe_layer(l) for l in layers)
   expert = mesh.shape["expert"]
-  all_to_all = 4 * moe_layers * tokens * cfg.num_experts_per_tok * cfg.hidden_size * \
-      compute_bytes * (expert - 1) // expert
+  slots = expert * expert_parallel.slots_per_device(tokens * cfg.num_experts_per_tok, expert,
+                                                    cfg.moe_capacity_factor)
+  all_to_all = 4 * moe_layers * slots * cfg.hidden_size * compute_bytes * (expert - 1) // expert
   return Plan(mesh=dict(mesh.shape), params_bytes=params, grads_bytes=params,
               optimizer_bytes=2 * params, activation_bytes=activations,
               all_to_all_bytes=all_to_all,

@@ -38,8 +38,19 @@ def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   model = dataclasses.asdict(ModelConfig.preset(preset))
   # Fields derived from others stay None so that overriding the others re-derives them.
   model.update(num_key_value_heads=None, scoring_func=None)
+  model = {f.name: _overridable(f, model[f.name]) for f in dataclasses.fields(ModelConfig)}
   c.model = ml_collections.ConfigDict({"preset": preset, **model})
   return c
+
+
+# An optional field left None becomes a typed placeholder, so the command line can set it
+# (--config.model.moe_capacity_factor=1.25); ml_collections cannot override a plain None.
+_OPTIONAL_TYPES = {"int | None": int, "float | None": float, "str | None": str}
+
+
+def _overridable(field: dataclasses.Field, value):
+  kind = _OPTIONAL_TYPES.get(field.type)
+  return ml_collections.config_dict.placeholder(kind) if value is None and kind else value
 
 
 def resolve(config: ml_collections.ConfigDict) -> tuple[ModelConfig, TrainConfig]:

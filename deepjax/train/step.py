@@ -34,10 +34,13 @@ class ObjectiveConfig:
                        f"{self.balance_loss_scope!r}")
 
 
-def _forward(graphdef, params, biases, batch):
+def _forward(graphdef, params, biases, batch, mesh):
+  """The model on the batch, traced with `mesh` current: MoE layers shard their experts over
+  its `expert` axis and exchange tokens by all-to-all (deepjax.model.expert_parallel)."""
   model = nnx.merge(graphdef, params, biases)
-  return model, model(batch["tokens"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"])
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    out = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+  return model, out
 
 
 def _losses(model, out, batch, objective: ObjectiveConfig):
@@ -52,7 +55,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
                     ObjectiveConfig, shardings: TrainState, mesh):
   def step(state: TrainState, batch):
     def loss_fn(params):
-      model, out = _forward(graphdef, params, state.biases, batch)
+      model, out = _forward(graphdef, params, state.biases, batch, mesh)
       losses = _losses(model, out, batch, objective)
       return losses.total, (losses, out.router)
 
@@ -67,6 +70,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
       loads = expert_loads(router.counts)
       violation = max_violation(loads)
       metrics.update(max_vio=jnp.mean(violation), max_vio_per_layer=violation,
+                     dropped_fraction=jnp.mean(router.dropped),
                      expert_load=loads / jnp.maximum(jnp.mean(loads, -1, keepdims=True), 1e-9))
       if objective.bias_update_speed and jax.tree.leaves(biases):
         model = nnx.merge(graphdef, params, biases)
@@ -89,7 +93,7 @@ def make_eval_step(graphdef, objective: ObjectiveConfig, shardings: TrainState, 
   """Sums over one batch: losses times tokens, top-1 prediction counts (loss.prediction_counts)
   and, with MoE layers, expert loads [L, E] (for MaxVio_global)."""
   def evaluate(state: TrainState, batch):
-    model, out = _forward(graphdef, state.params, state.biases, batch)
+    model, out = _forward(graphdef, state.params, state.biases, batch, mesh)
     losses = _losses(model, out, batch, objective)
     sums = dict(lm_loss=losses.lm * losses.tokens, mtp_loss=losses.mtp * losses.tokens,
                 tokens=losses.tokens,
