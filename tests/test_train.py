@@ -104,7 +104,7 @@ def _single_device_steps():
 
 
 @pytest.mark.parametrize("mesh_sizes", [
-    pytest.param({"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
+    {"data": 2, "fsdp": 4},
     {"data": 2, "expert": 4},
     {"fsdp": 2, "tensor": 4},
     {"fsdp": 2, "expert": 4},
