@@ -1,6 +1,7 @@
 """Training: objective pieces against hand computations, balancing, sharding, resume, errors."""
 
 import functools
+import io
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from deepjax.parallel import make_mesh
 from deepjax.train import resolve, train
 from deepjax.train.balance import expert_loads, max_violation
 from deepjax.train.loss import sequence_balance_loss, training_losses
-from deepjax.train.metrics import read_metrics
+from deepjax.train.metrics import Progress, read_metrics
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from deepjax.train.state import init_train_state
 from deepjax.train.step import ObjectiveConfig, make_train_step
@@ -324,3 +325,14 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
   assert sorted(resumed) == list(range(1, 9))
   np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
                              [straight[s] for s in range(1, 9)], rtol=1e-4)
+
+
+def test_progress_line_shows_balance_and_dropped_copies():
+  stream = io.StringIO()
+  progress = Progress(total_steps=10, start_step=0, stream=stream)
+  record = dict(loss=2.5, max_vio=0.4, tokens_per_sec=1000.0, mfu=0.1)
+  progress.update(5, record)
+  progress.update(6, dict(record, dropped_fraction=0.125, eval_lm_loss=2.25))
+  first, second = stream.getvalue().splitlines()
+  assert "step 5/10" in first and "maxvio 0.40" in first and "dropped" not in first
+  assert "eval 2.2500" in second and "dropped 12.5%" in second

@@ -85,6 +85,8 @@ class Progress:
       parts.append(f"eval {record['eval_lm_loss']:.4f}")
     if "max_vio" in record:
       parts.append(f"maxvio {record['max_vio']:.2f}")
+    if record.get("dropped_fraction"):                  # expert parallelism with a capacity
+      parts.append(f"dropped {100 * record['dropped_fraction']:.1f}%")
     parts += [f"{record['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * record['mfu']:.1f}%",
               f"ETA {_duration(eta) if math.isfinite(eta) else '?'}"]
     print("  ".join(parts), file=self.stream, flush=True)
