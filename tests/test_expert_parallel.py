@@ -40,30 +40,31 @@ def _value_and_grads(fn, p):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(p["x"], p["weights"], *p["ws"])
 
 
-def _expert_parallel(mesh_sizes, p, capacity_factor=None):
+def _expert_parallel(mesh_sizes, p, capacity_factor=None, gmm=pk.reference.gmm):
   mesh = make_mesh(mesh_sizes, devices=jax.devices()[:int(np.prod(list(mesh_sizes.values())))])
 
   def fn(x, w, e, *ws):
     return expert_parallel.routed_experts(x, w, e, *ws, mesh=jax.sharding.get_abstract_mesh(),
-                                          gmm=pk.reference.gmm,
-                                          capacity_factor=capacity_factor)[0]
+                                          gmm=gmm, capacity_factor=capacity_factor)[0]
 
   with jax.set_mesh(mesh):
     return _value_and_grads(fn, p)
 
 
-@pytest.mark.parametrize("mesh_sizes", [
-    {"expert": 8},
-    {"data": 2, "expert": 4},
-    {"fsdp": 2, "expert": 2, "tensor": 2},      # expert FFN's intermediate dim split on tensor
-    {"data": 2, "fsdp": 2, "expert": 2},
-], ids=lambda m: "x".join(f"{a}{n}" for a, n in m.items()))
-def test_dropless_matches_every_expert_on_one_device(mesh_sizes):
+@pytest.mark.parametrize("mesh_sizes, gmm", [
+    ({"expert": 8}, pk.reference.gmm),
+    ({"data": 2, "expert": 4}, pk.reference.gmm),
+    ({"fsdp": 2, "expert": 2, "tensor": 2}, pk.reference.gmm),  # FFN's intermediate dim on tensor
+    ({"data": 2, "fsdp": 2, "expert": 2}, pk.reference.gmm),
+    ({"data": 2, "expert": 4}, pk.gmm),                          # moe_impl="pallas" (interpret)
+], ids=["expert8", "data2xexpert4", "fsdp2xexpert2xtensor2", "data2xfsdp2xexpert2",
+        "data2xexpert4_pallas"])
+def test_dropless_matches_every_expert_on_one_device(mesh_sizes, gmm):
   p = _problem(seed=len(mesh_sizes))
   want_value, want_grads = _value_and_grads(
       lambda *a: _every_expert(*a, kept=jnp.ones((N, K))), p)
   with jax.default_matmul_precision("highest"):
-    value, grads = _expert_parallel(mesh_sizes, p)
+    value, grads = _expert_parallel(mesh_sizes, p, gmm=gmm)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   for name, got, want in zip(("x", "gates", "w_gate", "w_up", "w_down"), grads, want_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
