@@ -10,14 +10,7 @@ import pytest
 
 from deepjax.model import attention
 from pallas_kernels import reference
-
-
-def _inputs(seed, b, t, s, h, d_qk, d_v, dtype=jnp.float32):
-  kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-  return (jax.random.normal(kq, (b, t, h, d_qk), dtype),
-          jax.random.normal(kk, (b, s, h, d_qk), dtype),
-          jax.random.normal(kv, (b, s, h, d_v), dtype),
-          jax.random.normal(kd, (b, t, h, d_v), dtype))
+from test_mla_attention import _inputs
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "rows", "blocks"))

@@ -33,11 +33,8 @@ TEST_RUNS = ("aux loss α=1e-3", "loss-free γ=1e-3")     # --scale=test: one of
 CURVES = ("lm_loss", "balance_loss", "max_vio", "eval_lm_loss", "eval_max_vio")
 
 SCALES = {
-    "test": dict(model=common.TEST_MODEL, steps=6, batch_size=2, seq_len=32, learning_rate=3e-3,
-                 warmup_steps=2, eval_every=3, eval_steps=1, log_every=1),
-    "smoke": dict(model=common.SMOKE_MODEL, steps=300, batch_size=8, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=30, eval_every=100, eval_steps=16,
-                  log_every=10),
+    "test": common.TEST_RUN,
+    "smoke": dict(common.SMOKE_RUN, steps=300, eval_every=100),
     # ~1B total parameters, DeepSeekMoE-shaped (2 shared + 64 routed experts, top-6), on about
     # 100B tokens: the size of the paper's 1B experiment (its exact architecture may differ).
     "full": dict(model=dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096,

@@ -58,6 +58,12 @@ SMOKE_MODEL = dict(
 TEST_MODEL = dict(SMOKE_MODEL, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
                   num_hidden_layers=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
                   v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2)
+# Run settings the training scripts share at each scale; a script adds its steps and eval
+# cadence to SMOKE_RUN.
+TEST_RUN = dict(model=TEST_MODEL, steps=6, batch_size=2, seq_len=32, learning_rate=3e-3,
+                warmup_steps=2, eval_every=3, eval_steps=1, log_every=1)
+SMOKE_RUN = dict(model=SMOKE_MODEL, batch_size=8, seq_len=128, learning_rate=3e-3,
+                 warmup_steps=30, eval_steps=16, log_every=10)
 
 
 def start() -> float:

@@ -20,11 +20,8 @@ import deepjax as dj
 from deepjax.train import ObjectiveConfig
 
 SCALES = {
-    "test": dict(model=common.TEST_MODEL, ffn=32, steps=6, batch_size=2, seq_len=32,
-                 learning_rate=3e-3, warmup_steps=2, eval_every=3, eval_steps=1, log_every=1),
-    "smoke": dict(model=common.SMOKE_MODEL, ffn=128, steps=300, batch_size=8, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=30, eval_every=50, eval_steps=16,
-                  log_every=10),
+    "test": dict(common.TEST_RUN, ffn=32),
+    "smoke": dict(common.SMOKE_RUN, ffn=128, steps=300, eval_every=50),
     # DeepSeekMoE's 2B validation models: 9 layers, hidden 1280, 10 heads, ~2B total parameters,
     # 2K x 2K-token batches for 25K steps (~100B tokens); MLA here where the paper used MHA.
     "full": dict(model=dict(vocab_size=8192, hidden_size=1280, num_hidden_layers=9,

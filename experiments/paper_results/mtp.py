@@ -21,11 +21,8 @@ import deepjax as dj
 from deepjax.train import ObjectiveConfig
 
 SCALES = {
-    "test": dict(model=common.TEST_MODEL, steps=6, batch_size=2, seq_len=32, learning_rate=3e-3,
-                 warmup_steps=2, eval_every=3, eval_steps=1, log_every=1),
-    "smoke": dict(model=common.SMOKE_MODEL, steps=500, batch_size=8, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=30, eval_every=50, eval_steps=16,
-                  log_every=10),
+    "test": common.TEST_RUN,
+    "smoke": dict(common.SMOKE_RUN, steps=500, eval_every=50),
     # V3 Table 4's small MoE: V2-Lite's shape (15.7B total, 2.4B activated) as a V3 model,
     # 1.33T tokens in 4M-token batches; parameters sharded over every device (FSDP).
     "full": dict(model=dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944,
