@@ -10,22 +10,17 @@ at the tokenizer's EOS. Prints every prompt with its continuation, then throughp
 --speculative=mtp, the draft acceptance rate and the speed-up in decode steps.
 """
 
-import json
-import os
 import sys
 import time
 
 import jax
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
 import deepjax as dj
-from deepjax.checkpoint.manager import CheckpointManager
 from deepjax.data import load_tokenizer
 from deepjax.inference import generate_with_stats
-from deepjax.train.optimizer import OptimizerConfig, make_optimizer
-from deepjax.train.state import abstract_train_state
+from deepjax.train.restore import load_trained_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, "
                                "checkpoints/): its latest checkpoint is loaded.")
@@ -42,38 +37,14 @@ _SPECULATIVE = flags.DEFINE_enum("speculative", "none", ["none", "mtp"],
                                  "'mtp': draft with the model's MTP module (greedy only).")
 
 
-def load_workdir(workdir: str) -> dj.DeepSeek:
-  """The model of a training run at its latest checkpoint (parameters and router biases)."""
-  config_path = os.path.join(workdir, "config.json")
-  checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isfile(config_path):
-    raise ValueError(f"{workdir} has no config.json: not a training workdir")
-  with open(config_path) as f:
-    model_fields = json.load(f).get("model", {})
-  cfg = dj.ModelConfig(**{k: v for k, v in model_fields.items() if k in dj.ModelConfig.fields()})
-  manager = CheckpointManager(checkpoints, async_save=False) if os.path.isdir(checkpoints) \
-      else None
-  step = manager.latest_step() if manager else None
-  if step is None:
-    raise ValueError(f"{workdir} has no checkpoints (nothing under {checkpoints}); train first "
-                     f"with experiments/train.py --workdir={workdir}")
-  # The optimizer state's structure (not its hyper-parameters) shapes the checkpoint.
-  graphdef, abstract = abstract_train_state(cfg, make_optimizer(OptimizerConfig()))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        abstract)
-  state, _ = manager.restore(step, target)
-  manager.close()
-  print(f"loaded {workdir} at step {step}")
-  return nnx.merge(graphdef, state.params, state.biases)
-
-
 def load_model() -> dj.DeepSeek:
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise ValueError("give exactly one of --workdir (a training run) or --hf_dir "
                      "(a transformers checkpoint)")
   if _WORKDIR.value:
-    return load_workdir(_WORKDIR.value)
+    model, step = load_trained_model(_WORKDIR.value)
+    print(f"loaded {_WORKDIR.value} at step {step}")
+    return model
   return dj.load_hf(_HF_DIR.value)
 
 

@@ -1,7 +1,6 @@
 """Generation: cached greedy == full recompute, absorbed decode numerics, MTP speculation,
 cache size, sampling, EOS, input errors, and experiments/generate.py end to end."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,8 @@ from deepjax.inference import (LatentCache, absorbed_attention, forward, generat
                                generate_with_stats, lm_logits, mtp_forward, sample)
 from deepjax.inference.cache import write
 from deepjax.model.mla import MultiHeadLatentAttention
+from deepjax.model.random_init import random_model, randomized
+from deepjax.train.restore import load_trained_model
 from train_helpers import FAST, ROOT, run_train_py
 
 _YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32,
@@ -47,26 +48,6 @@ V3 = CONFIGS["v3"]
 # the compiled programs are shared.
 LENGTHS = np.array([5, 9, 2], np.int32)
 NEW = 10
-
-
-def randomized(make, seed: int = 0):
-  """make() built abstractly, then weights ~ N(0, 0.08^2) (logits spread well past float
-  noise), norms 1 + N(0, 0.2^2), router correction biases N(0, 0.1^2), drawn with numpy:
-  nothing runs eagerly op by op."""
-  graphdef, state = nnx.split(nnx.eval_shape(make))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, x):
-    noise = rng.standard_normal(x.shape).astype(x.dtype)
-    if "e_score_correction_bias" in jax.tree_util.keystr(path):
-      return 0.1 * noise
-    return 1.0 + 0.2 * noise if x.ndim == 1 else 0.08 * noise
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
-
-
-def random_model(cfg: dj.ModelConfig, seed: int = 0) -> dj.DeepSeek:
-  return randomized(lambda: dj.DeepSeek(cfg, rngs=nnx.Rngs(0)), seed)
 
 
 def prompts_for(cfg, seed=0):
@@ -319,16 +300,17 @@ def run_generate_py(*flags):
                         text=True, timeout=600)
 
 
-def test_generate_py_workdir_errors(tmp_path):
-  spec = importlib.util.spec_from_file_location("generate_py", GENERATE_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+def test_load_trained_model_names_what_the_workdir_lacks(tmp_path):
   with pytest.raises(ValueError, match="no config.json: not a training workdir"):
-    module.load_workdir(str(tmp_path))
+    load_trained_model(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"model": FAST}))
   with pytest.raises(ValueError, match="has no checkpoints"):
-    module.load_workdir(str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == ["config.json"]      # nothing created
+    load_trained_model(str(tmp_path))
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(ValueError, match="has no complete checkpoint"):
+    load_trained_model(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]   # nothing created
+  assert os.listdir(tmp_path / "checkpoints") == []
 
 
 def test_generate_py_on_a_trained_workdir(tmp_path):

@@ -28,26 +28,11 @@ import jax
 import numpy as np
 import torch
 import transformers
-from flax import nnx
 
 import deepjax as dj
 from deepjax import accounting
 from deepjax.inference import generate_with_stats
-
-
-def random_model(cfg: dj.ModelConfig, seed: int = 0) -> dj.DeepSeek:
-  """Weights ~ N(0, 0.08^2), norms 1 + N(0, 0.2^2), router biases N(0, 0.1^2) (numpy draws
-  into an abstractly built model)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: dj.DeepSeek(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, x):
-    noise = rng.standard_normal(x.shape).astype(x.dtype)
-    if "e_score_correction_bias" in jax.tree_util.keystr(path):
-      return 0.1 * noise
-    return 1.0 + 0.2 * noise if x.ndim == 1 else 0.08 * noise
-
-  return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+from deepjax.model.random_init import random_model
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

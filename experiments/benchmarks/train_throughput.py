@@ -15,12 +15,20 @@ system runs `--steps` timed steps in turn (so a load change on a shared machine 
 them), and the median step time per system. MFU = tokens/s * FLOPs/token / the measured matmul
 peak (deepjax.train.mfu.measured_matmul_flops, float32). FLOPs/token come from
 deepjax.accounting.flops_per_token; transformers' model has no MTP module, so its count leaves
-MTP out, and its tokens/s are for the smaller job. Prints markdown tables.
+MTP out, and its tokens/s are for the smaller job; so deepjax also runs once without its MTP
+module (`--no_mtp_row`, on by default), the same job as transformers'.
+
+The matmul peak is a 1024^3 matmul; the model's own matmuls are far smaller (hidden 128 in the
+tiny preset), so the run also measures the rate of its two dominant matmul shapes (a token
+projection [B*T, H] x [H, H] and the blocked experts' batched [blocks, b, H] x [blocks, H, 2I])
+and prints them against the peak: the ceiling any MFU at this size is bounded by.
+Prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -31,6 +39,7 @@ import numpy as np
 
 import deepjax as dj
 from deepjax.accounting import flops_per_token
+from deepjax.model.dispatch import block_size_for, padded_rows
 from deepjax.parallel import make_mesh
 from deepjax.train.mfu import measured_matmul_flops
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -53,6 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no_mtp_row", default=True, action=argparse.BooleanOptionalAction,
+                 help="also time deepjax without its MTP module (transformers' job)")
   return p.parse_args(argv)
 
 
@@ -113,6 +124,31 @@ class TransformersRunner:
     return time.perf_counter() - start
 
 
+def matmul_rate(a_shape: tuple[int, ...], b_shape: tuple[int, ...], seconds: float = 1.0
+                ) -> float:
+  """FLOP/s of jnp.matmul on float32 operands of these shapes (batched when 3-d), median."""
+  a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
+  b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  times, deadline = [], time.perf_counter() + seconds
+  while time.perf_counter() < deadline or len(times) < 3:
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * math.prod(a_shape) * b_shape[-1] / statistics.median(times)
+
+
+def model_matmul_shapes(cfg: dj.ModelConfig, tokens: int) -> dict[str, tuple]:
+  """The two matmul shapes that dominate a train step of `cfg` on `tokens` tokens."""
+  h, k, e = cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+  b = block_size_for(tokens * k, e)
+  blocks = padded_rows(tokens * k, e, b) // b
+  return {f"token projection [{tokens}, {h}] x [{h}, {h}]": ((tokens, h), (h, h)),
+          f"blocked experts [{blocks}, {b}, {h}] x [{blocks}, {h}, {2 * cfg.moe_intermediate_size}]":
+              ((blocks, b, h), (blocks, h, 2 * cfg.moe_intermediate_size))}
+
+
 def cpu_pressure() -> str:
   """Linux PSI: the share of the last minute in which runnable threads waited for a CPU
   (other processes on a shared machine slow both sides, torch's OpenMP threads the most)."""
@@ -154,12 +190,15 @@ def main(argv=None) -> None:
 
   runners: dict[str, object] = {}
   flops: dict[str, float] = {}
-  for impl in impls:
-    name = f"deepjax (moe_impl={impl})"
+  variants = [(f"deepjax (moe_impl={impl})", base.replace(moe_impl=impl)) for impl in impls]
+  if args.no_mtp_row and base.num_nextn_predict_layers:
+    variants.append((f"deepjax (moe_impl={impls[0]}, no MTP)",
+                     base.replace(moe_impl=impls[0], num_nextn_predict_layers=0)))
+  for name, cfg in variants:
     start = time.perf_counter()
-    runners[name] = DeepjaxRunner(base.replace(moe_impl=impl), tokens, ocfg, args.seed)
+    runners[name] = DeepjaxRunner(cfg, tokens, ocfg, args.seed)
     runners[name].step()
-    flops[name] = flops_per_token(base, args.seq_len)
+    flops[name] = flops_per_token(cfg, args.seq_len)
     print(f"  built + compiled {name} in {time.perf_counter() - start:.0f} s", flush=True)
   seen = set()
   for experts in [s for s in args.hf_experts.split(",") if s]:
@@ -200,6 +239,11 @@ def main(argv=None) -> None:
         f"in this run: {peak / 1e9:.1f} GFLOP/s (all: "
         f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}). transformers' FLOPs/token leave out "
         f"the MTP module it does not have. CPU pressure (avg60) at the end: {cpu_pressure()}.")
+  shapes = model_matmul_shapes(base, tokens_per_step)
+  table("Matmul rate at the model's own shapes (the ceiling on MFU at this size)",
+        ["matmul", "GFLOP/s", "of the peak"],
+        [[name, f"{rate / 1e9:.1f}", f"{rate / peak:.0%}"]
+         for name, rate in ((n, matmul_rate(*shape)) for n, shape in shapes.items())])
 
 
 if __name__ == "__main__":
