@@ -21,8 +21,9 @@ module (`--no_mtp_row`, on by default), the same job as transformers'.
 The matmul peak is a 1024^3 matmul; the model's own matmuls are far smaller (hidden 128 in the
 tiny preset), so the run also measures the rate of its two dominant matmul shapes (a token
 projection [B*T, H] x [H, H] and the blocked experts' batched [blocks, b, H] x [blocks, H, 2I])
-and prints them against the peak: the ceiling any MFU at this size is bounded by.
-Prints markdown tables.
+and prints them against the peak: the ceiling any MFU at this size is bounded by. Each of
+these matmuls is also timed in torch (same threads): the two CPU backends' matmul speeds, which
+bound the ratio between the two train steps. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -124,19 +125,32 @@ class TransformersRunner:
     return time.perf_counter() - start
 
 
-def matmul_rate(a_shape: tuple[int, ...], b_shape: tuple[int, ...], seconds: float = 1.0
-                ) -> float:
-  """FLOP/s of jnp.matmul on float32 operands of these shapes (batched when 3-d), median."""
-  a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
-  b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))
+def _median_seconds(run, seconds: float) -> float:
+  """Median wall time of `run()` (which must finish its work before returning), over at least
+  `seconds` of repeated calls after one untimed call."""
+  run()
   times, deadline = [], time.perf_counter() + seconds
   while time.perf_counter() < deadline or len(times) < 3:
     start = time.perf_counter()
-    jax.block_until_ready(matmul(a, b))
+    run()
     times.append(time.perf_counter() - start)
-  return 2 * math.prod(a_shape) * b_shape[-1] / statistics.median(times)
+  return statistics.median(times)
+
+
+def matmul_rates(a_shape: tuple[int, ...], b_shape: tuple[int, ...], seconds: float = 1.0
+                 ) -> tuple[float, float]:
+  """FLOP/s of a float32 matmul of these shapes (batched when 3-d) in XLA (jnp.matmul under
+  jax.jit) and in torch (torch.matmul, the benchmark's thread count)."""
+  import torch
+  flop = 2 * math.prod(a_shape) * b_shape[-1]
+  a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
+  b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  xla = _median_seconds(lambda: jax.block_until_ready(matmul(a, b)), seconds)
+  ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
+  with torch.no_grad():
+    eager = _median_seconds(lambda: torch.matmul(ta, tb), seconds)
+  return flop / xla, flop / eager
 
 
 def model_matmul_shapes(cfg: dj.ModelConfig, tokens: int) -> dict[str, tuple]:
@@ -239,12 +253,16 @@ def main(argv=None) -> None:
         f"in this run: {peak / 1e9:.1f} GFLOP/s (all: "
         f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}). transformers' FLOPs/token leave out "
         f"the MTP module it does not have. CPU pressure (avg60) at the end: {cpu_pressure()}.")
-  shapes = model_matmul_shapes(base, tokens_per_step)
-  table("Matmul rate at the model's own shapes (the ceiling on MFU at this size)",
-        ["matmul", "GFLOP/s", "of the peak"],
-        [[name, f"{rate / 1e9:.1f}", f"{rate / peak:.0%}"]
-         for name, rate in ((n, matmul_rate(*shape)) for n, shape in shapes.items())])
-
+  shapes = {"peak shape [1024, 1024] x [1024, 1024]": ((1024, 1024), (1024, 1024)),
+            **model_matmul_shapes(base, tokens_per_step)}
+  rows = []
+  for name, shape in shapes.items():
+    xla, eager = matmul_rates(*shape)
+    rows.append([name, f"{xla / 1e9:.1f}", f"{xla / peak:.0%}", f"{eager / 1e9:.1f}",
+                 f"{xla / eager:.2f}x"])
+  table("float32 matmul rate, XLA:CPU against torch, at the peak shape and at the model's own "
+        "shapes (the ceiling on MFU at this size)",
+        ["matmul", "XLA GFLOP/s", "of the peak", "torch GFLOP/s", "XLA / torch"], rows)
 
 if __name__ == "__main__":
   main()

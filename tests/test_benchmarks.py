@@ -1,0 +1,64 @@
+"""experiments/benchmarks: the CPU benchmarks run end to end at a toy size and print their
+tables (the numbers themselves are measured by running them in full, never asserted here)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "experiments", "benchmarks")
+
+
+def run_benchmark(name: str, *flags: str) -> str:
+  proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *flags],
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return proc.stdout
+
+
+def table_rows(output: str, title: str) -> list[list[str]]:
+  """The body rows of the markdown table under the '### {title}...' heading."""
+  lines = output.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"### {title}"))
+  rows = []
+  for line in lines[start + 4:]:        # heading, blank, header, separator
+    if not line.startswith("|"):
+      break
+    rows.append([cell.strip() for cell in line.strip("|").split("|")])
+  return rows
+
+
+@pytest.mark.slow
+def test_train_throughput_prints_every_system_and_the_matmul_rates():
+  out = run_benchmark("train_throughput.py", "--batch_size=2", "--seq_len=32", "--warmup=0",
+                      "--steps=1", "--rounds=1", "--hf_experts=eager")
+  steps = {row[0]: row for row in table_rows(out, "Train step throughput")}
+  assert set(steps) == {"deepjax (moe_impl=blocked)", "deepjax (moe_impl=blocked, no MTP)",
+                        "transformers (experts=eager)"}
+  for row in steps.values():
+    assert float(row[1]) > 0 and row[6].endswith("%")
+  assert steps["transformers (experts=eager)"][4] == "1.00x"
+  # MTP adds FLOPs per token; without it deepjax counts what transformers' model computes.
+  assert float(steps["deepjax (moe_impl=blocked)"][5]) > float(
+      steps["deepjax (moe_impl=blocked, no MTP)"][5]) == float(
+          steps["transformers (experts=eager)"][5])
+  rates = table_rows(out, "float32 matmul rate")
+  assert [row[0].split(" [")[0] for row in rates] == ["peak shape", "token projection",
+                                                      "blocked experts"]
+  for row in rates:
+    assert float(row[1]) > 0 and float(row[3]) > 0 and row[4].endswith("x")
+
+
+@pytest.mark.slow
+def test_decode_throughput_runs_both_systems():
+  out = run_benchmark("decode_throughput.py", "--batch=2", "--prompt_len=8",
+                      "--new_tokens=4", "--repeats=1")
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+          for line in out.splitlines() if line.startswith("| ") and "implementation" not in line}
+  assert list(rows) == ["transformers (torch, eager attention, KV cache)",
+                        "deepjax (latent cache, absorbed MLA, one jit)", "deepjax, MTP speculative"]
+  # Greedy decoding of the same weights: deepjax picks transformers' tokens, speculation too.
+  assert all(row[5] == "100%" for row in rows.values()), rows
