@@ -62,3 +62,18 @@ def test_decode_throughput_runs_both_systems():
                         "deepjax (latent cache, absorbed MLA, one jit)", "deepjax, MTP speculative"]
   # Greedy decoding of the same weights: deepjax picks transformers' tokens, speculation too.
   assert all(row[5] == "100%" for row in rows.values()), rows
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
+  """The prepared GPU script in its CPU form: interpret mode, tiny shapes, every correctness
+  check passing (its exit status) and every throughput table printed."""
+  proc = subprocess.run(["bash", os.path.join(BENCHMARKS, "gpu_check.sh"), "--smoke"],
+                        env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = (tmp_path / "kernel_bench.md").read_text()
+  assert "interpret=True" in report
+  for title in ("Measured ceilings", "Correctness against the pure-jnp references (interpret)",
+                "MLA attention fwd+bwd", "MLA absorbed decode", "Grouped matmul"):
+    assert f"### {title}" in report, (title, report[-2000:])

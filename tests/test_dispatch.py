@@ -76,7 +76,10 @@ def test_blocked_experts_match_dense_and_ragged_with_gradients(n, k, e, h, i, bl
   for name, (value, grads) in results.items():
     np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=name)
     for got, want in zip(grads, want_grads):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+      # Sums of tens of float32 products in another order (the dense path sums over every
+      # expert): entries near zero differ by ~1e-5 of the gradient's scale, not of their own.
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                                 err_msg=name)
   unused = np.setdiff1d(np.arange(e), np.asarray(experts))
   if used is not None:
     assert unused.size == e - len(used)
