@@ -26,7 +26,8 @@ from deepjax.train.balance import max_violation
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from deepjax.train.state import abstract_train_state, init_train_state, state_shardings
+from deepjax.train.state import (abstract_train_state, init_train_state, restore_target,
+                                 state_shardings)
 from deepjax.train.step import BATCH_KEYS, ObjectiveConfig, make_eval_step, make_train_step
 
 
@@ -151,9 +152,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   if latest is not None:
     graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
     shardings = state_shardings(abstract, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-    state, data_state = checkpoints.restore(latest, target)
+    state, data_state = checkpoints.restore(latest, restore_target(abstract, mesh))
     train_data.set_state(data_state)
     log(f"resumed from {checkpoints.directory}/{latest}")
   else:

@@ -7,6 +7,7 @@ so its peak is measured once per process with a large matmul in the compute dtyp
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 
 import jax
@@ -21,20 +22,24 @@ _PEAK_BF16 = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(dtype_name: str = "float32", n: int = 1024, seconds: float = 1.0) -> float:
-  """FLOP/s of repeated n x n x n matmuls on the default device (median of timed calls)."""
-  dtype = jnp.dtype(dtype_name)
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
+def median_seconds(run, seconds: float = 1.0) -> float:
+  """Median wall time of `run()` (which must finish its work before returning) over at least
+  `seconds` of repeated calls (3 at least), after one untimed call."""
+  run()
   times, deadline = [], time.perf_counter() + seconds
   while time.perf_counter() < deadline or len(times) < 3:
     start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
+    run()
     times.append(time.perf_counter() - start)
-  times.sort()
-  return 2 * n**3 / times[len(times) // 2]
+  return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(dtype_name: str = "float32", n: int = 1024, seconds: float = 1.0) -> float:
+  """FLOP/s of repeated n x n x n matmuls on the default device (median of timed calls)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype_name))
+  matmul = jax.jit(lambda x: x @ x)
+  return 2 * n**3 / median_seconds(lambda: jax.block_until_ready(matmul(a)), seconds)
 
 
 def peak_flops_per_device(dtype_name: str = "float32") -> float:

@@ -11,8 +11,9 @@ from flax import nnx
 from deepjax.checkpoint.manager import CheckpointManager
 from deepjax.config import ModelConfig
 from deepjax.model import DeepSeek
+from deepjax.parallel import make_mesh
 from deepjax.train.optimizer import OptimizerConfig, make_optimizer
-from deepjax.train.state import abstract_train_state
+from deepjax.train.state import abstract_train_state, restore_target
 
 
 def load_trained_model(workdir: str) -> tuple[DeepSeek, int]:
@@ -36,10 +37,8 @@ def load_trained_model(workdir: str) -> tuple[DeepSeek, int]:
                        f"first with experiments/train.py --workdir={workdir}")
     # The optimizer state's structure (not its hyper-parameters) shapes the checkpoint.
     graphdef, abstract = abstract_train_state(cfg, make_optimizer(OptimizerConfig()))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
-    state, _ = manager.restore(step, target)
+    one_device = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    state, _ = manager.restore(step, restore_target(abstract, one_device))
   finally:
     manager.close()
   return nnx.merge(graphdef, state.params, state.biases), step

@@ -54,6 +54,12 @@ def abstract_train_state(cfg: ModelConfig, tx, seed: int = 0):
   return graphdef, state
 
 
+def restore_target(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+  """The abstract state with its shardings on `mesh` attached: what a checkpoint restores into."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_state, state_shardings(abstract_state, mesh))
+
+
 def init_train_state(cfg: ModelConfig, tx, mesh: Mesh, seed: int):
   """(graphdef, state laid out in its shards, shardings)."""
   graphdef, abstract = abstract_train_state(cfg, tx, seed)

@@ -42,7 +42,7 @@ import deepjax as dj
 from deepjax.accounting import flops_per_token
 from deepjax.model.dispatch import block_size_for, padded_rows
 from deepjax.parallel import make_mesh
-from deepjax.train.mfu import measured_matmul_flops
+from deepjax.train.mfu import measured_matmul_flops, median_seconds
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from deepjax.train.state import init_train_state
 from deepjax.train.step import ObjectiveConfig, make_train_step
@@ -125,18 +125,6 @@ class TransformersRunner:
     return time.perf_counter() - start
 
 
-def _median_seconds(run, seconds: float) -> float:
-  """Median wall time of `run()` (which must finish its work before returning), over at least
-  `seconds` of repeated calls after one untimed call."""
-  run()
-  times, deadline = [], time.perf_counter() + seconds
-  while time.perf_counter() < deadline or len(times) < 3:
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def matmul_rates(a_shape: tuple[int, ...], b_shape: tuple[int, ...], seconds: float = 1.0
                  ) -> tuple[float, float]:
   """FLOP/s of a float32 matmul of these shapes (batched when 3-d) in XLA (jnp.matmul under
@@ -146,10 +134,10 @@ def matmul_rates(a_shape: tuple[int, ...], b_shape: tuple[int, ...], seconds: fl
   a = jax.random.normal(jax.random.key(0), a_shape, jnp.float32)
   b = jax.random.normal(jax.random.key(1), b_shape, jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  xla = _median_seconds(lambda: jax.block_until_ready(matmul(a, b)), seconds)
+  xla = median_seconds(lambda: jax.block_until_ready(matmul(a, b)), seconds)
   ta, tb = torch.from_numpy(np.array(a)), torch.from_numpy(np.array(b))
   with torch.no_grad():
-    eager = _median_seconds(lambda: torch.matmul(ta, tb), seconds)
+    eager = median_seconds(lambda: torch.matmul(ta, tb), seconds)
   return flop / xla, flop / eager
 
 
