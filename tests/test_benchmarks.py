@@ -34,9 +34,11 @@ def table_rows(output: str, title: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_train_throughput_prints_every_system_and_the_matmul_rates():
   out = run_benchmark("train_throughput.py", "--batch_size=2", "--seq_len=32", "--warmup=0",
-                      "--steps=1", "--rounds=1", "--hf_experts=eager")
+                      "--steps=1", "--rounds=1", "--hf_experts=eager", "--bf16_row",
+                      "--profile")
   steps = {row[0]: row for row in table_rows(out, "Train step throughput")}
   assert set(steps) == {"deepjax (moe_impl=blocked)", "deepjax (moe_impl=blocked, no MTP)",
+                        "deepjax (moe_impl=blocked, compute bfloat16)",
                         "transformers (experts=eager)"}
   for row in steps.values():
     assert float(row[1]) > 0 and row[6].endswith("%")
@@ -50,6 +52,13 @@ def test_train_throughput_prints_every_system_and_the_matmul_rates():
                                                       "blocked experts"]
   for row in rates:
     assert float(row[1]) > 0 and float(row[3]) > 0 and row[4].endswith("x")
+  # --profile: op time by kind, matmuls among them, and the costliest ops traced to jax ops.
+  kinds = {row[0]: float(row[1]) for row in table_rows(out, "Op time of one deepjax step")}
+  assert kinds["matmul"] > 0
+  costliest = table_rows(out, "Costliest ops of one deepjax step")
+  assert costliest and all(row[2].startswith("jit(step)") or row[2] == "(made by XLA, no jax op)"
+                           for row in costliest)
+  assert any(row[2].startswith("jit(step)") for row in costliest)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
   python experiments/benchmarks/train_throughput.py                        # tiny, 16 x 256
   python experiments/benchmarks/train_throughput.py --moe_impls=blocked,dense,ragged_dot
+  python experiments/benchmarks/train_throughput.py --bf16_row --profile  # + bf16, op profile
 
 Both sides train the same config (`ModelConfig.preset(...)`, transformers' through
 `cfg.to_hf()`) on the same batch of random tokens, one full step each: forward, backward,
@@ -23,15 +24,24 @@ tiny preset), so the run also measures the rate of its two dominant matmul shape
 projection [B*T, H] x [H, H] and the blocked experts' batched [blocks, b, H] x [blocks, H, 2I])
 and prints them against the peak: the ceiling any MFU at this size is bounded by. Each of
 these matmuls is also timed in torch (same threads): the two CPU backends' matmul speeds, which
-bound the ratio between the two train steps. Prints markdown tables.
+bound the ratio between the two train steps. `--bf16_row` adds deepjax with bfloat16 compute;
+`--profile` ends with where deepjax's step spends its op time (`op_profile`). Prints markdown
+tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import math
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -65,6 +75,11 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no_mtp_row", default=True, action=argparse.BooleanOptionalAction,
                  help="also time deepjax without its MTP module (transformers' job)")
+  p.add_argument("--bf16_row", action="store_true",
+                 help="also time deepjax with bfloat16 compute (float32 parameters)")
+  p.add_argument("--profile", action="store_true",
+                 help="after the tables, profile the first deepjax step: op time by kind and "
+                      "the costliest ops (jax.profiler, XLA:CPU thunk trace events)")
   return p.parse_args(argv)
 
 
@@ -151,6 +166,40 @@ def model_matmul_shapes(cfg: dj.ModelConfig, tokens: int) -> dict[str, tuple]:
               ((blocks, b, h), (blocks, h, 2 * cfg.moe_intermediate_size))}
 
 
+NO_SOURCE = "(made by XLA, no jax op)"
+
+
+def op_profile(runner: DeepjaxRunner, steps: int = 3, top: int = 12) -> None:
+  """Op time of the runner's jitted step under jax.profiler (needs XLA:CPU's traceme events,
+  which main switches on), summed over `steps` steps: by kind (matmuls, transposing copies,
+  gathers, ...) and the `top` costliest ops with the jax op they come from. Ops run
+  concurrently, so op time adds up to more than the step's wall time."""
+  hlo = runner.step_fn.lower(runner.state, runner.batch).compile().as_text()
+  source = dict(re.findall(r'%([\w.-]+) = [^\n]*?op_name="([^"]+)"', hlo))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        runner.step()
+    trace, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and (e["name"] in source or re.match(r"(ynn_fusion|dot)\b", e["name"])):
+      per_op[e["name"]] += e["dur"] / 1e3 / steps
+  kind = lambda op: "matmul" if op.startswith("dot") or source.get(op, "").endswith(  # noqa: E731
+      "dot_general") else re.sub(r"[._]\d+$", "", op)
+  per_kind = collections.Counter()
+  for op, ms in per_op.items():
+    per_kind[kind(op)] += ms
+  total = sum(per_op.values())
+  table(f"Op time of one deepjax step by kind ({total:.0f} ms of op time per step)",
+        ["kind", "ms", "share"], [[k, f"{ms:.1f}", f"{ms / total:.0%}"]
+                                  for k, ms in per_kind.most_common(top)])
+  table("Costliest ops of one deepjax step", ["op", "ms", "from"],
+        [[op, f"{ms:.2f}", source.get(op, NO_SOURCE)] for op, ms in per_op.most_common(top)])
+
+
 def cpu_pressure() -> str:
   """Linux PSI: the share of the last minute in which runnable threads waited for a CPU
   (other processes on a shared machine slow both sides, torch's OpenMP threads the most)."""
@@ -172,6 +221,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.profile:   # read when the CPU backend starts, so before any jax computation
+    os.environ["XLA_FLAGS"] = " ".join(
+        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true"]).strip()
   import torch
   torch.set_num_threads(args.threads)
   base = dj.ModelConfig.preset(args.preset, dtype="float32", param_dtype="float32",
@@ -196,6 +248,9 @@ def main(argv=None) -> None:
   if args.no_mtp_row and base.num_nextn_predict_layers:
     variants.append((f"deepjax (moe_impl={impls[0]}, no MTP)",
                      base.replace(moe_impl=impls[0], num_nextn_predict_layers=0)))
+  if args.bf16_row:
+    variants.append((f"deepjax (moe_impl={impls[0]}, compute bfloat16)",
+                     base.replace(moe_impl=impls[0], dtype="bfloat16")))
   for name, cfg in variants:
     start = time.perf_counter()
     runners[name] = DeepjaxRunner(cfg, tokens, ocfg, args.seed)
@@ -251,6 +306,8 @@ def main(argv=None) -> None:
   table("float32 matmul rate, XLA:CPU against torch, at the peak shape and at the model's own "
         "shapes (the ceiling on MFU at this size)",
         ["matmul", "XLA GFLOP/s", "of the peak", "torch GFLOP/s", "XLA / torch"], rows)
+  if args.profile:
+    op_profile(runners[variants[0][0]])
 
 if __name__ == "__main__":
   main()
