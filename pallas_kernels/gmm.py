@@ -55,8 +55,8 @@ class BlockSizes:
     return cls(16, 16, 16)     # CPU interpret mode: small blocks, fast tests that hit the tails
 
 
-def _compiler_params(bs: BlockSizes, interpret: bool, semantics: tuple[str, ...]):
-  if interpret:
+def _compiler_params(bs: BlockSizes, interpret, semantics: tuple[str, ...]):
+  if interpret is True:   # plain interpret mode; the TPU interpreter takes Mosaic's parameters
     return None
   if bs.sequential_grid:
     return pltpu.CompilerParams(dimension_semantics=semantics)
@@ -327,7 +327,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None, block_sizes: BlockSizes | No
 
   lhs [M,K], grad [M,N], group_sizes [G] int32 -> [G,K,N] float32; empty groups give zeros.
   """
-  bs = block_sizes or BlockSizes.for_platform()
+  bs = block_sizes or BlockSizes.for_platform(platform.target(interpret))
   offsets = _group_offsets(group_sizes, lhs.shape[0])
   impl = _tgmm_sequential if bs.sequential_grid else _tgmm_parallel
   return impl(lhs, grad, offsets, bs, platform.resolve_interpret(interpret))
@@ -359,6 +359,6 @@ def gmm(lhs, rhs, group_sizes, *, interpret=None, block_sizes: BlockSizes | None
   group_sizes [G] int32 with sum <= M; rows past the sum produce zeros. -> [M,N] in lhs's dtype,
   accumulated in float32. Differentiable in lhs and rhs.
   """
-  bs = block_sizes or BlockSizes.for_platform()
+  bs = block_sizes or BlockSizes.for_platform(platform.target(interpret))
   return _gmm_vjp(lhs, rhs, group_sizes.astype(jnp.int32), bs,
                   platform.resolve_interpret(interpret))

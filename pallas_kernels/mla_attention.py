@@ -11,6 +11,16 @@ causality hides, and saves the logsumexp. Backward: Algorithm 2 with P recompute
 logsumexp, split into a dq kernel (parallel over query blocks) and a dk/dv kernel (parallel over
 key blocks, starting at the first query block that sees them) so that neither needs atomics.
 
+Two grid forms of each kernel, picked by `BlockSizes.sequential_grid`, share the arithmetic:
+
+- portable (Triton on GPU, interpret mode on CPU): a program holds (b, h)'s whole K and V (or
+  Q, dO for dk/dv) and loops over their blocks itself.
+- sequential (Mosaic TPU): the streamed blocks are the grid's last axis, run in order, with the
+  running sums in float32 VMEM scratch. Only one block of each operand is in VMEM at a time, so
+  VMEM use does not grow with the sequence (the portable form's dk/dv kernel needs 28 MiB of
+  VMEM at 8k tokens, over the 16 MiB default of TPU v4/v5e). Steps whose block causality hides
+  compute nothing and map to the block already loaded, so the pipeline fetches nothing new.
+
 Layout, done once in the wrapper: heads go next to batch ([B,H,L,D]); lengths are zero padded to
 block multiples (no block is read out of bounds; the padded keys are masked by position); Dqk is
 split into power-of-two pieces (192 = 128 + 64; a last piece is zero padded, which leaves q.k
@@ -41,12 +51,13 @@ _MIN_DIM = 16  # Triton's smallest dot dimension
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes of the three kernels and Triton's launch parameters.
+  """Tile sizes of the three kernels, the grid form and Triton's launch parameters.
 
   block_q/block_k tile the forward and the dq kernel; block_q_bwd/block_k_bwd the dk/dv kernel.
   All are powers of two (Triton) and, on TPU, multiples of 128. On GPU the tiles of q, k and v
   must fit shared memory (about 227 KiB on H100/H200): 64x128 bf16 key tiles of a 192-wide head
-  with 3 stages do not.
+  with 3 stages do not. `sequential_grid`: the streamed blocks form an in-order grid axis
+  (Mosaic TPU) instead of a loop inside each program.
   """
   block_q: int
   block_k: int
@@ -54,6 +65,7 @@ class BlockSizes:
   block_k_bwd: int
   num_warps: int = 4
   num_stages: int = 2
+  sequential_grid: bool = False
 
   @classmethod
   def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
@@ -61,8 +73,9 @@ class BlockSizes:
       if jnp.dtype(dtype).itemsize >= 4:
         return cls(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64, num_stages=2)
       return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32, num_stages=3)
-    if backend == "tpu":
-      return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+    if backend == "tpu":  # not tuned on a TPU yet
+      return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128,
+                 sequential_grid=True)
     return cls(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)  # interpret: many blocks
 
   def fit(self, t: int, s: int) -> "BlockSizes":
@@ -81,21 +94,24 @@ class _Config:
   causal: bool
   sm_scale: float
   blocks: BlockSizes
-  interpret: bool
+  interpret: platform.Interpret
 
 
-def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, interpret=None):
+def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, interpret=None,
+                  block_sizes: BlockSizes | None = None):
   """softmax(q k^T * sm_scale + mask) v with Dqk != Dv allowed; differentiable.
 
   q [B,T,H,Dqk], k [B,S,H,Dqk], v [B,S,H,Dv] -> [B,T,H,Dv] in q's dtype. `causal` masks keys
   after i + S - T for query i; `segment_ids` [B,T] int32 (T == S) keeps attention inside a
-  segment. sm_scale defaults to Dqk**-0.5. `interpret=None`: interpret on CPU only.
+  segment. sm_scale defaults to Dqk**-0.5. `interpret=None`: interpret on CPU only; a
+  `pltpu.InterpretParams` runs the TPU form in the TPU interpreter. `block_sizes` defaults to
+  `BlockSizes.for_backend` of the platform.
   """
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
+  blocks = block_sizes or BlockSizes.for_backend(platform.target(interpret), q.dtype)
   return _attention(q, k, v, segment_ids, causal=bool(causal), sm_scale=float(sm_scale),
-                    interpret=platform.resolve_interpret(interpret),
-                    blocks=BlockSizes.for_backend(platform.backend(), q.dtype))
+                    interpret=platform.resolve_interpret(interpret), blocks=blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "blocks"))
@@ -142,7 +158,7 @@ def _to_kernel_layout(x, length, widths):
   return tuple(x[..., a:a + w] for a, w in zip(starts, widths))
 
 
-# -- Shared pieces of the three kernels. -------------------------------------------------------
+# -- The arithmetic of one (query block, key block) pair, shared by both grid forms. ----------
 
 
 def _dot(a, b, contract=(1, 0)):
@@ -171,6 +187,78 @@ def _visible(c, q_start, k_start, shape, q_seg, kv_seg):
   return mask
 
 
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+  """The tiles of one (query block, key block) pair: feature pieces of q and k, v, and for the
+  backward dO with the rows' logsumexp L and D = rowsum(dO * O). Segment ids are None when
+  unpacked; q_start and k_start are the blocks' first positions."""
+  qs: list
+  ks: list
+  v: jax.Array
+  q_seg: jax.Array | None
+  kv_seg: jax.Array | None
+  q_start: jax.Array
+  k_start: jax.Array
+  do: jax.Array | None = None
+  lse: jax.Array | None = None
+  delta: jax.Array | None = None
+
+
+def _fwd_update(c, x: _Blocks, carry):
+  """Algorithm 1's inner step: folds one key block into the running (O, m, l)."""
+  acc, m, l = carry
+  scores = _qk(x.qs, x.ks, c.sm_scale)
+  visible = _visible(c, x.q_start, x.k_start, scores.shape, x.q_seg, x.kv_seg)
+  scores = jnp.where(visible, scores, -jnp.inf)
+  # m' = max(m, rowmax S); P = exp(S - m'); l' = exp(m - m') l + rowsum P;
+  # O' = exp(m - m') O + P V. A row that has seen no key yet keeps m' = -inf: use 0 instead.
+  m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p = jnp.exp(scores - m_safe)  # masked entries: exactly 0
+  alpha = jnp.exp(m - m_safe)
+  l = alpha * l + p.sum(axis=1, keepdims=True)
+  acc = alpha * acc + _dot(p.astype(x.v.dtype), x.v)
+  return acc, m_new, l
+
+
+def _fwd_init(bq, dv):
+  return (jnp.zeros((bq, dv), jnp.float32), jnp.full((bq, 1), -jnp.inf, jnp.float32),
+          jnp.zeros((bq, 1), jnp.float32))
+
+
+def _fwd_finish(acc, m, l):
+  """O = O / l and L = m + log(l). A row with no visible key gives zeros and L = +inf, so that
+  the backward's P = exp(S - L) is 0 there."""
+  empty = l == 0.0
+  l = jnp.where(empty, 1.0, l)
+  return acc / l, jnp.where(empty, jnp.inf, m + jnp.log(l))
+
+
+def _probs_and_dscores(c, x: _Blocks):
+  """Algorithm 2's recomputation: P = exp(S - L) and dS = P (dP - D) sm_scale, dP = dO V^T."""
+  scores = _qk(x.qs, x.ks, c.sm_scale)
+  visible = _visible(c, x.q_start, x.k_start, scores.shape, x.q_seg, x.kv_seg)
+  p = jnp.exp(jnp.where(visible, scores, -jnp.inf) - x.lse)
+  dp = _dot(x.do, x.v, (1, 1))
+  return p, p * (dp - x.delta) * c.sm_scale
+
+
+def _dq_update(c, x: _Blocks, dqs):
+  """dQ += dS K, for each feature piece."""
+  _, ds = _probs_and_dscores(c, x)
+  ds = ds.astype(x.ks[0].dtype)
+  return tuple(dq + _dot(ds, k) for dq, k in zip(dqs, x.ks))
+
+
+def _dkv_update(c, x: _Blocks, carry):
+  """dV += P^T dO and dK += dS^T Q, for each feature piece."""
+  dks, dv = carry
+  p, ds = _probs_and_dscores(c, x)
+  dv = dv + _dot(p.astype(x.do.dtype), x.do, (0, 0))
+  ds = ds.astype(x.qs[0].dtype)
+  return tuple(dk + _dot(ds, q, (0, 0)) for dk, q in zip(dks, x.qs)), dv
+
+
 def _kv_end(c, i, bq, bk):
   """Key blocks [0, end) hold every key visible to query block i; causality hides the rest."""
   n = pl.cdiv(c.s, bk)
@@ -187,46 +275,72 @@ def _q_begin(c, j, bq, bk):
   return lax.div(jnp.maximum(j * bk - (c.s - c.t), 0), bq)
 
 
+def _q_end(c, bq):
+  """Query blocks [.., end) hold real queries; the rest is padding."""
+  return pl.cdiv(c.t, bq)
+
+
+# -- BlockSpecs and the call. ------------------------------------------------------------------
+
+
 def _block(size, j):
   return pl.ds(pl.multiple_of(j * size, size), size)
 
 
-def _by_block(rows, width):
-  """BlockSpec of rows [i*rows, (i+1)*rows) of (b, h)'s [L, width] matrix."""
-  return pl.BlockSpec((None, None, rows, width), lambda b, h, i: (b, h, i, 0))
+def _rows_spec(rows, width, row_block):
+  """BlockSpec of rows [r*rows, (r+1)*rows) of (b, h)'s [L, width] matrix, r = row_block(grid)."""
+  return pl.BlockSpec((None, None, rows, width),
+                      lambda b, h, *ij: (b, h, row_block(*ij), 0))
 
 
 def _whole(x):
   """BlockSpec of (b, h)'s whole [L, W] matrix of a [B,H,L,W] array."""
-  return pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, i: (b, h, 0, 0))
+  return pl.BlockSpec((None, None) + x.shape[2:], lambda b, h, *ij: (b, h, 0, 0))
 
 
-def _seg_specs(q_seg, kv_seg, q_rows, kv_cols):
-  """Segment-id BlockSpecs: a query column block (or all), a key row block (or all)."""
+def _seg_specs(q_seg, kv_seg, q_rows, q_block, kv_cols, kv_block):
+  """Segment-id BlockSpecs: a column block of query ids (or all, if q_rows is None), a row block
+  of key ids (or all)."""
   if q_seg is None:
     return None, None
   t_pad, s_pad = q_seg.shape[1], kv_seg.shape[2]
-  q_spec = (pl.BlockSpec((None, q_rows, 1), lambda b, h, i: (b, i, 0)) if q_rows
-            else pl.BlockSpec((None, t_pad, 1), lambda b, h, i: (b, 0, 0)))
-  kv_spec = (pl.BlockSpec((None, 1, kv_cols), lambda b, h, i: (b, 0, i)) if kv_cols
-             else pl.BlockSpec((None, 1, s_pad), lambda b, h, i: (b, 0, 0)))
+  q_spec = (pl.BlockSpec((None, q_rows, 1), lambda b, h, *ij: (b, q_block(*ij), 0)) if q_rows
+            else pl.BlockSpec((None, t_pad, 1), lambda b, h, *ij: (b, 0, 0)))
+  kv_spec = (pl.BlockSpec((None, 1, kv_cols), lambda b, h, *ij: (b, 0, kv_block(*ij)))
+             if kv_cols else pl.BlockSpec((None, 1, s_pad), lambda b, h, *ij: (b, 0, 0)))
   return q_spec, kv_spec
 
 
 def _compiler_params(c):
-  if c.interpret:
-    return None
-  if platform.backend() == "gpu":  # explicit Triton params select the Triton lowering
+  target = platform.target(c.interpret)
+  if target == "gpu":  # explicit Triton params select the Triton lowering
     return _TritonParams(num_warps=c.blocks.num_warps, num_stages=c.blocks.num_stages)
-  if platform.backend() == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  if target == "tpu":  # the sequential form's streamed axis runs in order
+    streamed = ("arbitrary",) if c.blocks.sequential_grid else ()
+    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + streamed)
   return None
 
 
-def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name):
+def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name, scratch_shapes=()):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=_compiler_params(c),
-                        interpret=c.interpret, name=name)(*args)
+                        out_shape=out_shape, scratch_shapes=scratch_shapes,
+                        compiler_params=_compiler_params(c), interpret=c.interpret,
+                        name=name)(*args)
+
+
+def _seg(ref, index=...):
+  return None if ref is None else ref[index]
+
+
+def _streamed(c, bq, bk):
+  """Block maps of the sequential form: (query block, key block) of grid step (i, j), with the
+  steps that causality hides mapped to the nearest visible block (already in VMEM)."""
+  def kv_block(i, j):
+    return jnp.clip(j, 0, jnp.maximum(_kv_end(c, i, bq, bk) - 1, 0))
+
+  def q_block(j, i):
+    return jnp.clip(i, _q_begin(c, j, bq, bk), _q_end(c, bq) - 1)
+  return kv_block, q_block
 
 
 # -- Forward. ----------------------------------------------------------------------------------
@@ -234,49 +348,72 @@ def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name):
 
 def _fwd_kernel(q_refs, k_refs, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, c, bq, bk):
   i = pl.program_id(2)
-  qs = [r[...] for r in q_refs]
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  qs, q_seg = [r[...] for r in q_refs], _seg(q_seg_ref)
 
-  def body(j, carry):  # Algorithm 1's inner loop: fold key block j into the online softmax
-    acc, m, l = carry
+  def body(j, carry):  # Algorithm 1's inner loop over the key blocks
     kv = _block(bk, j)
-    scores = _qk(qs, [r[kv, :] for r in k_refs], c.sm_scale)
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, kv]
-    scores = jnp.where(_visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg), scores, -jnp.inf)
-    # m' = max(m, rowmax S); P = exp(S - m'); l' = exp(m - m') l + rowsum P;
-    # O' = exp(m - m') O + P V. A row that has seen no key yet keeps m' = -inf: use 0 instead.
-    m_new = jnp.maximum(m, scores.max(axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(scores - m_safe)  # masked entries: exactly 0
-    alpha = jnp.exp(m - m_safe)
-    l = alpha * l + p.sum(axis=1, keepdims=True)
-    acc = alpha * acc + _dot(p.astype(v_ref.dtype), v_ref[kv, :])
-    return acc, m_new, l
+    x = _Blocks(qs, [r[kv, :] for r in k_refs], v_ref[kv, :], q_seg,
+                _seg(kv_seg_ref, (slice(None), kv)), i * bq, j * bk)
+    return _fwd_update(c, x, carry)
 
-  acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-  m = jnp.full((bq, 1), -jnp.inf, jnp.float32)
-  l = jnp.zeros((bq, 1), jnp.float32)
-  acc, m, l = lax.fori_loop(0, _kv_end(c, i, bq, bk), body, (acc, m, l))
-  # O = O / l and L = m + log(l). A row with no visible key gives zeros and L = +inf, so that
-  # the backward's P = exp(S - L) is 0 there.
-  empty = l == 0.0
-  l = jnp.where(empty, 1.0, l)
-  o_ref[...] = (acc / l).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l))
+  carry = lax.fori_loop(0, _kv_end(c, i, bq, bk), body, _fwd_init(bq, o_ref.shape[-1]))
+  o, lse = _fwd_finish(*carry)
+  o_ref[...] = o.astype(o_ref.dtype)
+  lse_ref[...] = lse
+
+
+def _fwd_kernel_sequential(q_refs, k_refs, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref,
+                           acc_ref, m_ref, l_ref, *, c, bq, bk):
+  i, j = pl.program_id(2), pl.program_id(3)
+  state = (acc_ref, m_ref, l_ref)
+
+  @pl.when(j == 0)
+  def _init():
+    for ref, value in zip(state, _fwd_init(bq, o_ref.shape[-1])):
+      ref[...] = value
+
+  @pl.when(j < _kv_end(c, i, bq, bk))
+  def _update():
+    x = _Blocks([r[...] for r in q_refs], [r[...] for r in k_refs], v_ref[...],
+                _seg(q_seg_ref), _seg(kv_seg_ref), i * bq, j * bk)
+    for ref, value in zip(state, _fwd_update(c, x, tuple(r[...] for r in state))):
+      ref[...] = value
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    o, lse = _fwd_finish(*(r[...] for r in state))
+    o_ref[...] = o.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _fwd(c, qs, ks, v, q_seg, kv_seg):
   b, h, t_pad, _ = qs[0].shape
+  s_pad, d_v = ks[0].shape[2], v.shape[-1]
   bq, bk = c.blocks.block_q, c.blocks.block_k
-  q_seg_spec, kv_seg_spec = _seg_specs(q_seg, kv_seg, bq, None)
+  out_shape = [jax.ShapeDtypeStruct((b, h, t_pad, d_v), qs[0].dtype),
+               jax.ShapeDtypeStruct((b, h, t_pad, 1), jnp.float32)]
+  q_rows = lambda i, *_: i  # noqa: E731 -- the query block is grid axis 2 in both forms
+  args = (qs, ks, v, q_seg, kv_seg)
+  if not c.blocks.sequential_grid:
+    return _call(
+        functools.partial(_fwd_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
+        in_specs=[tuple(_rows_spec(bq, x.shape[-1], q_rows) for x in qs),
+                  tuple(_whole(x) for x in ks), _whole(v),
+                  *_seg_specs(q_seg, kv_seg, bq, q_rows, None, None)],
+        out_specs=[_rows_spec(bq, d_v, q_rows), _rows_spec(bq, 1, q_rows)],
+        out_shape=out_shape, args=args, name="mla_attention_fwd")
+  kv_block, _ = _streamed(c, bq, bk)
   return _call(
-      functools.partial(_fwd_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
-      in_specs=[tuple(_by_block(bq, x.shape[-1]) for x in qs), tuple(_whole(x) for x in ks),
-                _whole(v), q_seg_spec, kv_seg_spec],
-      out_specs=[_by_block(bq, v.shape[-1]), _by_block(bq, 1)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, t_pad, v.shape[-1]), qs[0].dtype),
-                 jax.ShapeDtypeStruct((b, h, t_pad, 1), jnp.float32)],
-      args=(qs, ks, v, q_seg, kv_seg), name="mla_attention_fwd")
+      functools.partial(_fwd_kernel_sequential, c=c, bq=bq, bk=bk), c,
+      (b, h, t_pad // bq, s_pad // bk),
+      in_specs=[tuple(_rows_spec(bq, x.shape[-1], q_rows) for x in qs),
+                tuple(_rows_spec(bk, x.shape[-1], kv_block) for x in ks),
+                _rows_spec(bk, d_v, kv_block),
+                *_seg_specs(q_seg, kv_seg, bq, q_rows, bk, kv_block)],
+      out_specs=[_rows_spec(bq, d_v, q_rows), _rows_spec(bq, 1, q_rows)],
+      out_shape=out_shape, args=args, name="mla_attention_fwd",
+      scratch_shapes=[pltpu.VMEM((bq, d_v), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
+                      pltpu.VMEM((bq, 1), jnp.float32)])
 
 
 # -- Backward. ---------------------------------------------------------------------------------
@@ -285,20 +422,14 @@ def _fwd(c, qs, ks, v, q_seg, kv_seg):
 def _dq_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                dq_refs, *, c, bq, bk):
   i = pl.program_id(2)
-  qs = [r[...] for r in q_refs]
+  qs, q_seg = [r[...] for r in q_refs], _seg(q_seg_ref)
   do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
-  def body(j, dqs):  # Algorithm 2 for key block j: P = exp(S - L), dS = P (dP - D), dQ += dS K
+  def body(j, dqs):  # Algorithm 2 over the key blocks
     kv = _block(bk, j)
-    ks = [r[kv, :] for r in k_refs]
-    scores = _qk(qs, ks, c.sm_scale)
-    kv_seg = None if kv_seg_ref is None else kv_seg_ref[:, kv]
-    mask = _visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg)
-    p = jnp.exp(jnp.where(mask, scores, -jnp.inf) - lse)
-    dp = _dot(do, v_ref[kv, :], (1, 1))
-    ds = (p * (dp - delta) * c.sm_scale).astype(ks[0].dtype)
-    return tuple(dq + _dot(ds, k) for dq, k in zip(dqs, ks))
+    x = _Blocks(qs, [r[kv, :] for r in k_refs], v_ref[kv, :], q_seg,
+                _seg(kv_seg_ref, (slice(None), kv)), i * bq, j * bk, do, lse, delta)
+    return _dq_update(c, x, dqs)
 
   dqs = tuple(jnp.zeros(q.shape, jnp.float32) for q in qs)
   dqs = lax.fori_loop(0, _kv_end(c, i, bq, bk), body, dqs)
@@ -306,61 +437,123 @@ def _dq_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_
     r[...] = dq.astype(r.dtype)
 
 
+def _dq_kernel_sequential(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
+                          kv_seg_ref, dq_refs, dq_acc_refs, *, c, bq, bk):
+  i, j = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    for r in dq_acc_refs:
+      r[...] = jnp.zeros(r.shape, jnp.float32)
+
+  @pl.when(j < _kv_end(c, i, bq, bk))
+  def _update():
+    x = _Blocks([r[...] for r in q_refs], [r[...] for r in k_refs], v_ref[...],
+                _seg(q_seg_ref), _seg(kv_seg_ref), i * bq, j * bk,
+                do_ref[...], lse_ref[...], delta_ref[...])
+    for r, dq in zip(dq_acc_refs, _dq_update(c, x, tuple(r[...] for r in dq_acc_refs))):
+      r[...] = dq
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    for r, acc in zip(dq_refs, dq_acc_refs):
+      r[...] = acc[...].astype(r.dtype)
+
+
 def _dkv_kernel(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref,
                 dk_refs, dv_ref, *, c, bq, bk):
   j = pl.program_id(2)
-  ks = [r[...] for r in k_refs]
-  v = v_ref[...]
-  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+  ks, v, kv_seg = [r[...] for r in k_refs], v_ref[...], _seg(kv_seg_ref)
 
-  def body(i, carry):  # Algorithm 2 for query block i: dV += P^T dO, dK += dS^T Q
-    dks, dv = carry
+  def body(i, carry):  # Algorithm 2 over the query blocks that see key block j
     rows = _block(bq, i)
-    qs = [r[rows, :] for r in q_refs]
-    do = do_ref[rows, :]
-    scores = _qk(qs, ks, c.sm_scale)
-    q_seg = None if q_seg_ref is None else q_seg_ref[rows, :]
-    mask = _visible(c, i * bq, j * bk, scores.shape, q_seg, kv_seg)
-    p = jnp.exp(jnp.where(mask, scores, -jnp.inf) - lse_ref[rows, :])
-    dv += _dot(p.astype(do.dtype), do, (0, 0))
-    dp = _dot(do, v, (1, 1))
-    ds = (p * (dp - delta_ref[rows, :]) * c.sm_scale).astype(qs[0].dtype)
-    return tuple(dk + _dot(ds, q, (0, 0)) for dk, q in zip(dks, qs)), dv
+    x = _Blocks([r[rows, :] for r in q_refs], ks, v, _seg(q_seg_ref, (rows, slice(None))),
+                kv_seg, i * bq, j * bk, do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :])
+    return _dkv_update(c, x, carry)
 
   init = (tuple(jnp.zeros(k.shape, jnp.float32) for k in ks), jnp.zeros(v.shape, jnp.float32))
-  dks, dv = lax.fori_loop(_q_begin(c, j, bq, bk), pl.cdiv(c.t, bq), body, init)
+  dks, dv = lax.fori_loop(_q_begin(c, j, bq, bk), _q_end(c, bq), body, init)
   for r, dk in zip(dk_refs, dks):
     r[...] = dk.astype(r.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+def _dkv_kernel_sequential(q_refs, k_refs, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
+                           kv_seg_ref, dk_refs, dv_ref, dk_acc_refs, dv_acc_ref, *, c, bq, bk):
+  j, i = pl.program_id(2), pl.program_id(3)
+
+  @pl.when(i == 0)
+  def _init():
+    for r in (*dk_acc_refs, dv_acc_ref):
+      r[...] = jnp.zeros(r.shape, jnp.float32)
+
+  @pl.when((i >= _q_begin(c, j, bq, bk)) & (i < _q_end(c, bq)))
+  def _update():
+    x = _Blocks([r[...] for r in q_refs], [r[...] for r in k_refs], v_ref[...],
+                _seg(q_seg_ref), _seg(kv_seg_ref), i * bq, j * bk,
+                do_ref[...], lse_ref[...], delta_ref[...])
+    carry = (tuple(r[...] for r in dk_acc_refs), dv_acc_ref[...])
+    dks, dv = _dkv_update(c, x, carry)
+    for r, dk in zip(dk_acc_refs, dks):
+      r[...] = dk
+    dv_acc_ref[...] = dv
+
+  @pl.when(i == pl.num_programs(3) - 1)
+  def _finish():
+    for r, acc in zip((*dk_refs, dv_ref), (*dk_acc_refs, dv_acc_ref)):
+      r[...] = acc[...].astype(r.dtype)
+
+
 def _bwd(c, qs, ks, v, q_seg, kv_seg, o, lse, do):
   b, h, t_pad, _ = qs[0].shape
-  s_pad = ks[0].shape[2]
+  s_pad, d_v = ks[0].shape[2], v.shape[-1]
   # Algorithm 2's preprocessing: D = rowsum(dO * O) (the padded features are zeros).
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
   args = (qs, ks, v, do, lse, delta, q_seg, kv_seg)
+  sequential = c.blocks.sequential_grid
+  by_axis2 = lambda r, *_: r  # noqa: E731 -- the block that grid axis 2 owns
 
+  # dq: grid axis 2 owns a query block; key blocks stream (loop, or grid axis 3).
   bq, bk = c.blocks.block_q, c.blocks.block_k
-  (dqs,) = _call(
-      functools.partial(_dq_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
-      in_specs=[tuple(_by_block(bq, x.shape[-1]) for x in qs), tuple(_whole(x) for x in ks),
-                _whole(v), _by_block(bq, do.shape[-1]), _by_block(bq, 1), _by_block(bq, 1),
-                *_seg_specs(q_seg, kv_seg, bq, None)],
-      out_specs=(tuple(_by_block(bq, x.shape[-1]) for x in qs),),
-      out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qs),),
-      args=args, name="mla_attention_dq")
+  kv_block, _ = _streamed(c, bq, bk)
+  kv_spec = ((lambda x: _rows_spec(bk, x.shape[-1], kv_block)) if sequential else _whole)
+  q_part = [tuple(_rows_spec(bq, x.shape[-1], by_axis2) for x in qs), tuple(map(kv_spec, ks)),
+            kv_spec(v), _rows_spec(bq, d_v, by_axis2), _rows_spec(bq, 1, by_axis2),
+            _rows_spec(bq, 1, by_axis2),
+            *_seg_specs(q_seg, kv_seg, bq, by_axis2, bk if sequential else None, kv_block)]
+  dq_out = dict(out_specs=(tuple(_rows_spec(bq, x.shape[-1], by_axis2) for x in qs),),
+                out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qs),),
+                args=args, name="mla_attention_dq")
+  if sequential:
+    (dqs,) = _call(functools.partial(_dq_kernel_sequential, c=c, bq=bq, bk=bk), c,
+                   (b, h, t_pad // bq, s_pad // bk), in_specs=q_part, **dq_out,
+                   scratch_shapes=[tuple(pltpu.VMEM((bq, x.shape[-1]), jnp.float32)
+                                         for x in qs)])
+  else:
+    (dqs,) = _call(functools.partial(_dq_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
+                   in_specs=q_part, **dq_out)
 
+  # dk, dv: grid axis 2 owns a key block; query blocks stream.
   bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
-  dks, dv = _call(
-      functools.partial(_dkv_kernel, c=c, bq=bq, bk=bk), c, (b, h, s_pad // bk),
-      in_specs=[tuple(_whole(x) for x in qs), tuple(_by_block(bk, x.shape[-1]) for x in ks),
-                _by_block(bk, v.shape[-1]), _whole(do), _whole(lse), _whole(delta),
-                *_seg_specs(q_seg, kv_seg, None, bk)],
-      out_specs=(tuple(_by_block(bk, x.shape[-1]) for x in ks), _by_block(bk, v.shape[-1])),
-      out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in ks),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      args=args, name="mla_attention_dkv")
+  _, q_block = _streamed(c, bq, bk)
+  q_spec = ((lambda x: _rows_spec(bq, x.shape[-1], q_block)) if sequential else _whole)
+  kv_part = [tuple(map(q_spec, qs)), tuple(_rows_spec(bk, x.shape[-1], by_axis2) for x in ks),
+             _rows_spec(bk, d_v, by_axis2), q_spec(do), q_spec(lse), q_spec(delta),
+             *_seg_specs(q_seg, kv_seg, bq if sequential else None, q_block, bk, by_axis2)]
+  dkv_out = dict(out_specs=(tuple(_rows_spec(bk, x.shape[-1], by_axis2) for x in ks),
+                            _rows_spec(bk, d_v, by_axis2)),
+                 out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in ks),
+                            jax.ShapeDtypeStruct(v.shape, v.dtype)),
+                 args=args, name="mla_attention_dkv")
+  if sequential:
+    dks, dv = _call(functools.partial(_dkv_kernel_sequential, c=c, bq=bq, bk=bk), c,
+                    (b, h, s_pad // bk, t_pad // bq), in_specs=kv_part, **dkv_out,
+                    scratch_shapes=[tuple(pltpu.VMEM((bk, x.shape[-1]), jnp.float32)
+                                          for x in ks),
+                                    pltpu.VMEM((bk, d_v), jnp.float32)])
+  else:
+    dks, dv = _call(functools.partial(_dkv_kernel, c=c, bq=bq, bk=bk), c, (b, h, s_pad // bk),
+                    in_specs=kv_part, **dkv_out)
   return dqs, dks, dv
 
 

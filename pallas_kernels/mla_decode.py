@@ -167,7 +167,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   b, h, dc = q_latent.shape
   s, dr = kv_latent.shape[1], k_rope.shape[2]
   interpret = platform.resolve_interpret(interpret)
-  backend = "interpret" if interpret else platform.backend()
+  backend = platform.target(interpret)
   bs = block_sizes or MlaDecodeBlockSizes.get_default(backend)
 
   h_pad = max(pl.next_power_of_2(h), bs.min_heads)

@@ -161,7 +161,7 @@ class _Routing:
   score_fn: str
   norm_topk_prob: bool
   routed_scaling_factor: float
-  interpret: bool | None
+  interpret: platform.Interpret
   block_sizes: MoeRouteBlockSizes | None
 
 
@@ -220,7 +220,7 @@ def _route_pallas(routing: _Routing, logits, bias):
   routed_scaling_factor, block_sizes = routing.routed_scaling_factor, routing.block_sizes
   n, e = logits.shape
   interpret = platform.resolve_interpret(routing.interpret)
-  backend = "interpret" if interpret else platform.backend()
+  backend = platform.target(interpret)
   bs = block_sizes or MoeRouteBlockSizes.get_default(backend)
 
   # Triton needs power-of-two blocks: round E up (masked in the kernel) and K up (sliced off).

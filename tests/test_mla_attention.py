@@ -1,4 +1,5 @@
-"""pallas_kernels.mla_attention against pallas_kernels.reference.mla_attention (interpret mode)."""
+"""pallas_kernels.mla_attention (interpret mode, both grid forms) against
+pallas_kernels.reference.mla_attention."""
 
 import functools
 
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.mla_attention import mla_attention
+from pallas_kernels.mla_attention import BlockSizes, mla_attention
+
+FORMS = {
+    "portable": None,   # the CPU default: 16-blocks, each program loops over the streamed blocks
+    # The Mosaic TPU form (streamed blocks on an in-order grid axis), with unequal blocks so the
+    # causal skipping and the clamped block maps meet every alignment.
+    "sequential": BlockSizes(block_q=16, block_k=32, block_q_bwd=32, block_k_bwd=16,
+                             sequential_grid=True),
+}
 
 
 def _inputs(seed, b, t, s, h, d_qk, d_v, dtype=jnp.float32):
@@ -34,20 +43,22 @@ def _segments(seed, b, t, n):
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale"),
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "blocks"),
                    compiler_options=_FAST_COMPILE)
-def _out_and_grads(q, k, v, do, segment_ids, *, causal, sm_scale):
+def _out_and_grads(q, k, v, do, segment_ids, *, causal, sm_scale, blocks):
   """(out, dq, dk, dv) of the kernel and of the reference, in one compilation."""
   results = []
-  for fn in (mla_attention, reference.mla_attention):
+  for fn in (functools.partial(mla_attention, block_sizes=blocks), reference.mla_attention):
     out, vjp = jax.vjp(functools.partial(fn, segment_ids=segment_ids, causal=causal,
                                          sm_scale=sm_scale), q, k, v)
     results.append((out, *vjp(do)))
   return results
 
 
-def _assert_matches(q, k, v, do, *, segment_ids=None, causal=True, sm_scale=None, tol=1e-5):
-  got, want = _out_and_grads(q, k, v, do, segment_ids, causal=causal, sm_scale=sm_scale)
+def _assert_matches(q, k, v, do, *, segment_ids=None, causal=True, sm_scale=None, tol=1e-5,
+                    form="portable"):
+  got, want = _out_and_grads(q, k, v, do, segment_ids, causal=causal, sm_scale=sm_scale,
+                             blocks=FORMS[form])
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     assert x.shape == y.shape and x.dtype == y.dtype, name
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
@@ -62,21 +73,25 @@ def _assert_matches(q, k, v, do, *, segment_ids=None, causal=True, sm_scale=None
         (1, 50, 21, 2, 48, 32, True, None),    # T > S: the first rows see no key and give zeros
         (1, 20, 20, 2, 192, 128, True, None),  # DeepSeek MLA head dims (128 nope + 64 rope, 128)
     ])
-def test_matches_reference(b, t, s, h, d_qk, d_v, causal, sm_scale):
+@pytest.mark.parametrize("form", FORMS)
+def test_matches_reference(b, t, s, h, d_qk, d_v, causal, sm_scale, form):
   q, k, v, do = _inputs(0, b, t, s, h, d_qk, d_v)
   with jax.default_matmul_precision("highest"):
-    _assert_matches(q, k, v, do, causal=causal, sm_scale=sm_scale)
+    _assert_matches(q, k, v, do, causal=causal, sm_scale=sm_scale, form=form)
 
 
-def test_packed_segments():  # also causal self-attention with T = S not a block multiple
+@pytest.mark.parametrize("form", FORMS)
+def test_packed_segments(form):  # also causal self-attention with T = S not a block multiple
   q, k, v, do = _inputs(1, 2, 70, 70, 2, 24, 16)
   with jax.default_matmul_precision("highest"):
-    _assert_matches(q, k, v, do, segment_ids=_segments(0, 2, 70, 4), causal=True)
+    _assert_matches(q, k, v, do, segment_ids=_segments(0, 2, 70, 4), causal=True, form=form)
 
 
-def test_bfloat16_packed_non_causal():
+@pytest.mark.parametrize("form", FORMS)
+def test_bfloat16_packed_non_causal(form):
   q, k, v, do = _inputs(2, 2, 45, 45, 2, 48, 32, jnp.bfloat16)
-  _assert_matches(q, k, v, do, segment_ids=_segments(1, 2, 45, 3), causal=False, tol=2e-2)
+  _assert_matches(q, k, v, do, segment_ids=_segments(1, 2, 45, 3), causal=False, tol=2e-2,
+                  form=form)
 
 
 def test_jit():
