@@ -84,5 +84,28 @@ def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
   report = (tmp_path / "kernel_bench.md").read_text()
   assert "interpret=True" in report
   for title in ("Measured ceilings", "Correctness against the pure-jnp references (interpret)",
-                "MLA attention fwd+bwd", "MLA absorbed decode", "Grouped matmul"):
+                "MLA attention fwd+bwd", "MLA absorbed decode", "Grouped matmul",
+                "Sweep: MLA attention blocks", "Sweep: MLA decode blocks", "Sweep: gmm / tgmm"):
     assert f"### {title}" in report, (title, report[-2000:])
+  assert "failed" not in report, report[-3000:]
+
+
+def test_gpu_sweep_configs_are_distinct_triton_configs_with_the_default_first():
+  """gpu_check.sh's sweeps spend device time: every config must be a legal Triton tiling
+  (power-of-two blocks of at least 16) and none may repeat."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("kernel_bench",
+                                                os.path.join(BENCHMARKS, "kernel_bench.py"))
+  kernel_bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kernel_bench)
+  attention, decode, gmm = kernel_bench.sweep_configs("gpu")
+  assert attention[0] == kernel_bench.AttentionBlockSizes.for_backend("gpu")
+  assert decode[0] == kernel_bench.MlaDecodeBlockSizes.get_default("gpu")
+  assert gmm[0] == kernel_bench.GmmBlockSizes.for_platform("gpu")
+  blocks = [(c.block_q, c.block_k, c.block_q_bwd, c.block_k_bwd) for c in attention]
+  blocks += [(c.block_s, c.block_h) for c in decode]
+  blocks += [(c.block_m, c.block_k, c.block_n) for c in gmm]
+  for sizes in blocks:
+    assert all(b >= 16 and b & (b - 1) == 0 for b in sizes), sizes
+  for configs in (attention, decode, gmm):
+    assert len(set(configs)) == len(configs), configs

@@ -12,6 +12,7 @@ Imports only jax and pallas_kernels (the GPU machine has no grain).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -24,6 +25,9 @@ import numpy as np
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
 from pallas_kernels import tgmm
+from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
+from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
+from pallas_kernels.mla_decode import MlaDecodeBlockSizes
 
 BF16 = jnp.bfloat16
 
@@ -123,23 +127,29 @@ def check_correctness(interpret: bool) -> list[list]:
 # --- throughput ---------------------------------------------------------------------------
 
 
+def _attention_operands(b, t, h):
+  keys = jax.random.split(jax.random.key(2), 4)
+  q, kk = (jax.random.normal(x, (b, t, h, 192), BF16) for x in keys[:2])
+  v, ct = (jax.random.normal(x, (b, t, h, 128), BF16) for x in keys[2:])
+  flops_fwd = 2 * b * h * (t * (t + 1) / 2) * (192 + 128)     # causal
+  return (q, kk, v), ct, flops_fwd
+
+
+def _train_step(attn, ct):
+  """jit of (q, k, v) -> (dq, dk, dv) of sum(attn * ct): the forward and the backward."""
+  def loss(q, k, v):
+    return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
 def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
   rows = []
   for b, t, h in shapes:
-    keys = jax.random.split(jax.random.key(2), 4)
-    q, kk = (jax.random.normal(x, (b, t, h, 192), BF16) for x in keys[:2])
-    v, ct = (jax.random.normal(x, (b, t, h, 128), BF16) for x in keys[2:])
-    flops_fwd = 2 * b * h * (t * (t + 1) / 2) * (192 + 128)     # causal
+    args, ct, flops_fwd = _attention_operands(b, t, h)
     flops = 3 * flops_fwd                                      # fwd + bwd (dq, dk, dv)
-
-    def step(attn):
-      def loss(q, k, v):
-        return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
-      return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
     candidates = {
-        "pallas": step(functools.partial(pk.mla_attention, interpret=interpret)),
-        "xla": step(ref.mla_attention),
+        "pallas": _train_step(functools.partial(pk.mla_attention, interpret=interpret), ct),
+        "xla": _train_step(ref.mla_attention, ct),
     }
     if jax.default_backend() == "gpu":
       def cudnn(q, k, v):     # cuDNN wants Dv == Dqk through this API: pad v, slice output
@@ -147,13 +157,12 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
         out = jax.nn.dot_product_attention(q, k, vp, is_causal=True, implementation="cudnn",
                                            scale=192**-0.5)
         return out[..., :128]
-      candidates["cudnn (v padded to 192)"] = step(cudnn)
+      candidates["cudnn (v padded to 192)"] = _train_step(cudnn, ct)
     results = {}
     for name, fn in candidates.items():
-      try:
-        results[name] = flops / timed(fn, q, kk, v, iters=iters)
-      except Exception as e:  # noqa: BLE001 -- report what does not run, keep benchmarking
-        print(f"  {name} at B={b} T={t} H={h} failed: {type(e).__name__}: {str(e)[:200]}")
+      rate = _rate(flops, fn, args, iters, f"{name} at B={b} T={t} H={h}")
+      if rate is not None:
+        results[name] = rate
     pallas = results.get("pallas", float("nan"))
     for name, rate in results.items():
       rows.append([f"B={b} T={t} H={h}", name, rate / 1e12, rate / peak,
@@ -162,36 +171,53 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
         ["shape", "impl", "TFLOP/s", "of matmul peak", "pallas speed-up"], rows)
 
 
+def _rate(work, fn, args, iters, what):
+  """work / median seconds of fn(*args), or None (reported) if it does not compile or run."""
+  try:
+    return work / timed(fn, *args, iters=iters)
+  except Exception as e:  # noqa: BLE001 -- report what does not run, keep benchmarking
+    print(f"  {what} failed: {type(e).__name__}: {str(e)[:200]}")
+    return None
+
+
+def _decode_operands(b, s, h):
+  keys = jax.random.split(jax.random.key(3), 4)
+  lat = jax.random.normal(keys[0], (b, h, 512), BF16)
+  rope = jax.random.normal(keys[1], (b, h, 64), BF16)
+  cache = jax.random.normal(keys[2], (b, s, 512), BF16)
+  krope = jax.random.normal(keys[3], (b, s, 64), BF16)
+  lengths = jnp.full((b,), s, jnp.int32)
+  return (lat, rope, cache, krope, lengths), cache.nbytes + krope.nbytes
+
+
 def bench_decode(shapes, bandwidth: float, iters: int, interpret: bool) -> None:
   rows = []
   for b, s, h in shapes:
-    keys = jax.random.split(jax.random.key(3), 4)
-    lat = jax.random.normal(keys[0], (b, h, 512), BF16)
-    rope = jax.random.normal(keys[1], (b, h, 64), BF16)
-    cache = jax.random.normal(keys[2], (b, s, 512), BF16)
-    krope = jax.random.normal(keys[3], (b, s, 64), BF16)
-    lengths = jnp.full((b,), s, jnp.int32)
-    nbytes = cache.nbytes + krope.nbytes
+    args, nbytes = _decode_operands(b, s, h)
     for name, fn in (("pallas", functools.partial(pk.mla_decode, interpret=interpret)),
                      ("xla", ref.mla_decode)):
-      f = jax.jit(functools.partial(fn, sm_scale=0.07))
-      rate = nbytes / timed(f, lat, rope, cache, krope, lengths, iters=iters)
-      rows.append([f"B={b} S={s} H={h}", name, rate / 1e9, rate / bandwidth])
+      rate = _rate(nbytes, jax.jit(functools.partial(fn, sm_scale=0.07)), args, iters,
+                   f"{name} at B={b} S={s} H={h}")
+      if rate is not None:
+        rows.append([f"B={b} S={s} H={h}", name, rate / 1e9, rate / bandwidth])
   table("MLA absorbed decode (latent 512 + rope 64), bf16",
         ["shape", "impl", "GB/s", "of copy bandwidth"], rows)
+
+
+def _gmm_operands(m, kd, n, g):
+  keys = jax.random.split(jax.random.key(4), 3)
+  lhs = jax.random.normal(keys[0], (m, kd), BF16)
+  rhs = jax.random.normal(keys[1], (g, kd, n), BF16)
+  grad = jax.random.normal(keys[2], (m, n), BF16)
+  sizes = jnp.asarray(np.random.default_rng(0).multinomial(m, np.ones(g) / g), jnp.int32)
+  return lhs, rhs, grad, sizes, 2 * m * kd * n
 
 
 def bench_gmm(shapes, iters: int, interpret: bool) -> None:
   rows = []
   for m, kd, n, g in shapes:
-    keys = jax.random.split(jax.random.key(4), 3)
-    lhs = jax.random.normal(keys[0], (m, kd), BF16)
-    rhs = jax.random.normal(keys[1], (g, kd, n), BF16)
-    grad = jax.random.normal(keys[2], (m, n), BF16)
-    sizes = jnp.asarray(np.random.default_rng(0).multinomial(m, np.ones(g) / g), jnp.int32)
-    flops = 2 * m * kd * n
-    dense_lhs, dense_rhs = lhs, rhs[0]
-    dense = flops / timed(jax.jit(lambda a, w: a @ w), dense_lhs, dense_rhs, iters=iters)
+    lhs, rhs, grad, sizes, flops = _gmm_operands(m, kd, n, g)
+    dense = flops / timed(jax.jit(lambda a, w: a @ w), lhs, rhs[0], iters=iters)
     cases = {
         "gmm (pallas)": (jax.jit(functools.partial(pk.gmm, interpret=interpret)),
                          (lhs, rhs, sizes)),
@@ -200,16 +226,101 @@ def bench_gmm(shapes, iters: int, interpret: bool) -> None:
         "ragged_dot (xla)": (jax.jit(ref.gmm), (lhs, rhs, sizes)),
     }
     for name, (fn, args) in cases.items():
-      rate = flops / timed(fn, *args, iters=iters)
-      rows.append([f"M={m} K={kd} N={n} G={g}", name, rate / 1e12, rate / dense])
+      rate = _rate(flops, fn, args, iters, f"{name} at M={m} K={kd} N={n} G={g}")
+      if rate is not None:
+        rows.append([f"M={m} K={kd} N={n} G={g}", name, rate / 1e12, rate / dense])
     rows.append([f"M={m} K={kd} N={n} G={g}", "dense matmul, same FLOPs", dense / 1e12, 1.0])
   table("Grouped matmul, bf16", ["shape", "impl", "TFLOP/s", "of dense matmul"], rows)
+
+
+# --- block-size sweeps: one run gives the data to pick each kernel's GPU defaults ----------
+
+
+def _fields(bs, names):
+  return " ".join(f"{n}={getattr(bs, n)}" for n in names)
+
+
+def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) -> None:
+  b, t, h = shape
+  args, ct, flops_fwd = _attention_operands(b, t, h)
+  rows = []
+  for bs in configs:
+    attn = functools.partial(pk.mla_attention, interpret=interpret, block_sizes=bs)
+    what = _fields(bs, ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps",
+                        "num_stages"))
+    fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
+    step = _rate(3 * flops_fwd, _train_step(attn, ct), args, iters, what + " fwd+bwd")
+    rows.append([what] + [x / 1e12 if x else "failed" for x in (fwd, step)]
+                + [step / peak if step else "-"])
+  table(f"Sweep: MLA attention blocks, B={b} T={t} H={h}, bf16 (first row: the default)",
+        ["blocks", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak"], rows)
+
+
+def sweep_decode(shape, configs, bandwidth: float, iters: int, interpret: bool) -> None:
+  b, s, h = shape
+  args, nbytes = _decode_operands(b, s, h)
+  rows = []
+  for bs in configs:
+    what = _fields(bs, ("block_s", "block_h", "min_programs", "num_warps", "num_stages"))
+    fn = jax.jit(functools.partial(pk.mla_decode, sm_scale=0.07, interpret=interpret,
+                                   block_sizes=bs))
+    rate = _rate(nbytes, fn, args, iters, what)
+    rows.append([what, rate / 1e9 if rate else "failed", rate / bandwidth if rate else "-"])
+  table(f"Sweep: MLA decode blocks, B={b} S={s} H={h}, bf16 (first row: the default)",
+        ["blocks", "GB/s", "of copy bandwidth"], rows)
+
+
+def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
+  m, kd, n, g = shape
+  lhs, rhs, grad, sizes, flops = _gmm_operands(m, kd, n, g)
+  dense = flops / timed(jax.jit(lambda a, w: a @ w), lhs, rhs[0], iters=iters)
+  rows = []
+  for bs in configs:
+    what = _fields(bs, ("block_m", "block_k", "block_n", "num_warps", "num_stages"))
+    rates = [_rate(flops, jax.jit(functools.partial(fn, interpret=interpret, block_sizes=bs)),
+                   args, iters, f"{name} {what}")
+             for name, fn, args in (("gmm", pk.gmm, (lhs, rhs, sizes)),
+                                    ("tgmm", tgmm, (lhs, grad, sizes)))]
+    rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r else "failed" for r in rates])
+  table(f"Sweep: gmm / tgmm blocks, M={m} K={kd} N={n} G={g}, bf16 (first row: the default; "
+        "% of a dense matmul)", ["blocks", "gmm TFLOP/s", "tgmm TFLOP/s"], rows)
+
+
+def sweep_configs(backend: str):
+  """(attention, decode, gmm) block sizes to sweep on 'gpu' (or tiny ones for 'interpret');
+  the platform default first."""
+  attention = AttentionBlockSizes.for_backend(backend)
+  decode = MlaDecodeBlockSizes.get_default(backend)
+  gmm = GmmBlockSizes.for_platform(backend)
+  if backend == "interpret":
+    return ([attention, dataclasses.replace(attention, block_k=32, block_q_bwd=32)],
+            [decode, dataclasses.replace(decode, block_s=32, min_programs=8)],
+            [gmm, dataclasses.replace(gmm, block_m=32)])
+  r = dataclasses.replace
+  return (
+      [attention,
+       r(attention, block_q=128, num_warps=8, num_stages=2),
+       r(attention, block_q=128, block_k=32, num_warps=4, num_stages=3),
+       r(attention, block_k_bwd=64, num_stages=2),
+       r(attention, block_q=128, block_q_bwd=128, num_warps=8, num_stages=2),
+       r(attention, block_k=32, block_q_bwd=32, block_k_bwd=64)],
+      [decode,
+       r(decode, block_s=32), r(decode, block_s=128, num_warps=4),
+       r(decode, block_h=32, num_warps=4), r(decode, block_h=16, num_warps=4),
+       r(decode, min_programs=132), r(decode, min_programs=528), r(decode, num_stages=3)],
+      [gmm,
+       r(gmm, block_k=128), r(gmm, block_n=256), r(gmm, block_m=64, num_warps=4, num_stages=4),
+       r(gmm, block_k=32, num_warps=4, num_stages=4), r(gmm, block_m=256, block_k=32)])
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode on CPU")
   parser.add_argument("--skip", default="", help="comma list of: attention,decode,gmm")
+  parser.add_argument("--sweep", action="store_true",
+                      help="after the tables, block-size sweeps of the three kernels")
+  parser.add_argument("--only_sweep", action="store_true",
+                      help="ceilings and the block-size sweeps only")
   args = parser.parse_args()
   interpret = args.smoke or jax.default_backend() == "cpu"
   print(f"devices: {jax.devices()}  jax {jax.__version__}  interpret={interpret}")
@@ -224,14 +335,25 @@ def main() -> int:
     decode_shapes = [(64, 4096, 128), (64, 16384, 128), (64, 32768, 128)]
     gmm_shapes = [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32), (16384, 7168, 2048, 8)]
   peak, bandwidth = ceilings(peak_n, copy_mib, iters)
-  rows = check_correctness(interpret)
-  if "attention" not in skip:
-    bench_attention(attn_shapes, peak, iters, interpret)
-  if "decode" not in skip:
-    bench_decode(decode_shapes, bandwidth, iters, interpret)
-  if "gmm" not in skip:
-    bench_gmm(gmm_shapes, iters, interpret)
-  return 0 if all(row[-1] for row in rows) else 1
+  ok = True
+  if not args.only_sweep:
+    rows = check_correctness(interpret)
+    ok = all(row[-1] for row in rows)
+    if "attention" not in skip:
+      bench_attention(attn_shapes, peak, iters, interpret)
+    if "decode" not in skip:
+      bench_decode(decode_shapes, bandwidth, iters, interpret)
+    if "gmm" not in skip:
+      bench_gmm(gmm_shapes, iters, interpret)
+  if args.sweep or args.only_sweep:
+    attention, decode, gmm = sweep_configs("interpret" if interpret else jax.default_backend())
+    if "attention" not in skip:
+      sweep_attention(attn_shapes[0], attention, peak, iters, interpret)
+    if "decode" not in skip:
+      sweep_decode(decode_shapes[1 % len(decode_shapes)], decode, bandwidth, iters, interpret)
+    if "gmm" not in skip:
+      sweep_gmm(gmm_shapes[0], gmm, iters, interpret)
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":
