@@ -16,6 +16,15 @@ step rescales and combines the partials:
   m = max_j m_j,   out = sum_j exp(m_j - m) acc_j / sum_j exp(m_j - m) l_j.
 
 Blocks at or past `lengths[b]` are never visited (the inner loop's trip count stops there).
+
+Two grid forms, picked by `MlaDecodeBlockSizes.sequential_grid`:
+
+- portable (Triton on GPU, interpret mode on CPU): a program holds its split of the cache and
+  loops over its blocks.
+- sequential (Mosaic TPU): the cache blocks are the grid's last axis, run in order, with the
+  running (acc, m, l) in float32 VMEM scratch and the lengths prefetched into SMEM. The block
+  map sends every step at or past a row's length to the row's last valid block, which is
+  already in VMEM, so the pipeline never copies cache entries past `lengths[b]` from HBM.
 """
 
 import dataclasses
@@ -25,6 +34,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import platform
 
@@ -44,8 +54,9 @@ class MlaDecodeBlockSizes:
   block_h: most heads per program (None: all heads of a row in one program).
   min_heads: heads are zero-padded to a power of two >= this (Triton dots need M >= 16).
   min_programs: flash-decoding target for B * head blocks * num_splits; 1 never splits.
-  max_split: most cache entries per program (bounds the TPU VMEM block); None: no bound.
+  max_split: most cache entries per program; None: no bound.
   num_warps, num_stages: Triton compiler parameters (GPU only).
+  sequential_grid: cache blocks as an in-order grid axis (Mosaic TPU); splits do not apply.
   """
   block_s: int = 128
   block_h: int | None = None
@@ -54,14 +65,15 @@ class MlaDecodeBlockSizes:
   max_split: int | None = None
   num_warps: int = 4
   num_stages: int = 2
+  sequential_grid: bool = False
 
   @classmethod
   def get_default(cls, backend: str | None = None) -> "MlaDecodeBlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
       return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=8)
-    if backend == "tpu":   # kv block [max_split, 512] bf16, double-buffered in VMEM
-      return cls(block_s=512, min_heads=8, min_programs=2, max_split=4096)
+    if backend == "tpu":   # kv block [512, 512] bf16, double-buffered in VMEM; not tuned
+      return cls(block_s=512, min_heads=8, sequential_grid=True)
     return cls()
 
 
@@ -76,6 +88,31 @@ def _load_rows(ref, rows, valid, masked_load):
   return jnp.where(valid, ref[rows, :], 0)
 
 
+def _online_step(ql, qr, kv, kr, start, length, carry, *, sm_scale, precision):
+  """Folds cache entries [start, start + block_s) (invalid rows already zeroed) into the
+  running softmax (m, l, acc) of every head."""
+  m_prev, l_prev, acc_prev = carry
+  nt = (((1,), (1,)), ((), ()))                       # contract the last dims: a @ b^T
+  scores = (lax.dot_general(ql, kv, nt, precision=precision, preferred_element_type=jnp.float32)
+            + lax.dot_general(qr, kr, nt, precision=precision,
+                              preferred_element_type=jnp.float32)) * sm_scale
+  cols = start + lax.broadcasted_iota(jnp.int32, (1, kv.shape[0]), 1)
+  scores = jnp.where(cols < length, scores, _NEG_INF)
+  # Online softmax (flash attention): rescale the running sums to the new row max.
+  m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
+  alpha = jnp.exp(m_prev - m_new)                    # 0 on the first visited block
+  p = jnp.exp(scores - m_new)
+  l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+  acc_new = alpha * acc_prev + jnp.dot(p.astype(kv.dtype), kv, precision=precision,
+                                       preferred_element_type=jnp.float32)
+  return m_new, l_new, acc_new
+
+
+def _init_state(block_h, dc):
+  return (jnp.full((block_h, 1), _NEG_INF, jnp.float32), jnp.zeros((block_h, 1), jnp.float32),
+          jnp.zeros((block_h, dc), jnp.float32))
+
+
 def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, l_ref, *,
                    sm_scale, block_s, cache_size, precision, masked_load):
   b, split = pl.program_id(0), pl.program_id(2)
@@ -83,40 +120,51 @@ def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, 
   split_start = split * split_size
   length = jnp.minimum(lengths_ref[b], cache_size)   # never read past the cache
   ql, qr = ql_ref[...], qr_ref[...]                   # [block_h, Dc], [block_h, Dr]
-  nt = (((1,), (1,)), ((), ()))                       # contract the last dims: a @ b^T
   rows_iota = lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)
-  cols_iota = lax.broadcasted_iota(jnp.int32, (1, block_s), 1)
 
   def body(i, carry):
-    m_prev, l_prev, acc_prev = carry
     start = pl.multiple_of(i * block_s, block_s)
     rows = pl.ds(start, block_s)
     valid = split_start + start + rows_iota < length  # [block_s, 1]
     kv = _load_rows(kv_ref, rows, valid, masked_load)  # [block_s, Dc]
     kr = _load_rows(kr_ref, rows, valid, masked_load)  # [block_s, Dr]
-    scores = (lax.dot_general(ql, kv, nt, precision=precision, preferred_element_type=jnp.float32)
-              + lax.dot_general(qr, kr, nt, precision=precision,
-                                preferred_element_type=jnp.float32)) * sm_scale
-    scores = jnp.where(split_start + start + cols_iota < length, scores, _NEG_INF)
-    # Online softmax (flash attention): rescale the running sums to the new row max.
-    m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)                    # 0 on the first visited block
-    p = jnp.exp(scores - m_new)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    acc_new = alpha * acc_prev + jnp.dot(p.astype(kv.dtype), kv, precision=precision,
-                                         preferred_element_type=jnp.float32)
-    return m_new, l_new, acc_new
+    return _online_step(ql, qr, kv, kr, split_start + start, length, carry,
+                        sm_scale=sm_scale, precision=precision)
 
   # Only blocks that start before `length` hold valid entries; every visited block has at
   # least one, so m stays finite after the first step.
   num_blocks = jnp.clip(pl.cdiv(length - split_start, block_s), 0, split_size // block_s)
-  block_h = ql.shape[0]
-  init = (jnp.full((block_h, 1), _NEG_INF, jnp.float32), jnp.zeros((block_h, 1), jnp.float32),
-          jnp.zeros(acc_ref.shape, jnp.float32))
-  m, l, acc = lax.fori_loop(0, num_blocks, body, init)
+  m, l, acc = lax.fori_loop(0, num_blocks, body, _init_state(*acc_ref.shape))
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
+
+
+def _decode_kernel_sequential(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref,
+                              l_ref, *state_refs, sm_scale, block_s, cache_size, precision):
+  b, j = pl.program_id(0), pl.program_id(2)
+  length = jnp.minimum(lengths_ref[b], cache_size)
+  start = j * block_s
+
+  @pl.when(j == 0)
+  def _init():
+    for ref, value in zip(state_refs, _init_state(*acc_ref.shape)):
+      ref[...] = value
+
+  @pl.when(start < length)
+  def _update():
+    valid = start + lax.broadcasted_iota(jnp.int32, (block_s, 1), 0) < length
+    kv = _load_rows(kv_ref, slice(None), valid, masked_load=False)
+    kr = _load_rows(kr_ref, slice(None), valid, masked_load=False)
+    carry = tuple(r[...] for r in state_refs)
+    new = _online_step(ql_ref[...], qr_ref[...], kv, kr, start, length, carry,
+                       sm_scale=sm_scale, precision=precision)
+    for ref, value in zip(state_refs, new):
+      ref[...] = value
+
+  @pl.when(j == pl.num_programs(2) - 1)
+  def _finish():
+    m_ref[...], l_ref[...], acc_ref[...] = (r[...] for r in state_refs)
 
 
 def _combine(acc, m, l):
@@ -140,20 +188,18 @@ def _split_sizes(b, s, num_head_blocks, bs: MlaDecodeBlockSizes):
 
 def _lengths_spec(backend, b):
   if backend == "tpu":   # a scalar per row: SMEM (vector memory cannot index a scalar)
-    from jax.experimental.pallas import tpu as pltpu
     return pl.BlockSpec(memory_space=pltpu.SMEM)
   return pl.BlockSpec((b,), lambda *_: (0,))
 
 
-def _compiler_params(backend, bs: MlaDecodeBlockSizes, grid_rank):
+def _compiler_params(backend, bs: MlaDecodeBlockSizes, semantics):
   if backend == "gpu":   # Triton params select the Triton lowering (not Mosaic GPU)
     if hasattr(_pltriton, "CompilerParams"):
       return _pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
     from jax.experimental.pallas import gpu as plgpu   # older JAX
     return plgpu.TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
   if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank)
+    return pltpu.CompilerParams(dimension_semantics=semantics)
   return None
 
 
@@ -176,14 +222,26 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   if h_pad != h:
     q_latent = jnp.pad(q_latent, ((0, 0), (0, h_pad - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, h_pad - h), (0, 0)))
-  split_size, num_splits = _split_sizes(b, s, num_head_blocks, bs)
-
   precision = lax.Precision.HIGHEST if q_latent.dtype == jnp.float32 else None
+  operands = (lengths.astype(jnp.int32), q_latent, q_rope, kv_latent, k_rope)
+  call = _call_sequential if bs.sequential_grid else _call_portable
+  acc, m, l = call(operands, bs, backend, interpret, block_h, num_head_blocks,
+                   sm_scale=sm_scale, block_s=bs.block_s, cache_size=s, precision=precision)
+  return _combine(acc, m, l)[:, :h].astype(q_latent.dtype)
+
+
+def _partials(b, num_splits, h_pad, dc):
+  """Shapes of the per-split partials (acc, m, l)."""
+  return [jax.ShapeDtypeStruct((b, num_splits, h_pad, width), jnp.float32)
+          for width in (dc, 1, 1)]
+
+
+def _call_portable(operands, bs, backend, interpret, block_h, num_head_blocks, **static):
+  (b, h_pad, dc), (s, dr) = operands[1].shape, operands[4].shape[1:]
+  split_size, num_splits = _split_sizes(b, s, num_head_blocks, bs)
   # A fresh partial per call: a kernel reused across grids may keep a stale num_programs.
-  kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, block_s=bs.block_s,
-                             cache_size=s, precision=precision, masked_load=backend == "gpu")
-  partial_shape = (b, num_splits, h_pad)
-  acc, m, l = pl.pallas_call(
+  kernel = functools.partial(_decode_kernel, masked_load=backend == "gpu", **static)
+  return pl.pallas_call(
       kernel,
       grid=(b, num_head_blocks, num_splits),
       in_specs=[
@@ -193,18 +251,41 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
           pl.BlockSpec((None, split_size, dc), lambda i, j, k: (i, k, 0)),
           pl.BlockSpec((None, split_size, dr), lambda i, j, k: (i, k, 0)),
       ],
-      out_specs=[
-          pl.BlockSpec((None, None, block_h, dc), lambda i, j, k: (i, k, j, 0)),
-          pl.BlockSpec((None, None, block_h, 1), lambda i, j, k: (i, k, j, 0)),
-          pl.BlockSpec((None, None, block_h, 1), lambda i, j, k: (i, k, j, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((*partial_shape, dc), jnp.float32),
-          jax.ShapeDtypeStruct((*partial_shape, 1), jnp.float32),
-          jax.ShapeDtypeStruct((*partial_shape, 1), jnp.float32),
-      ],
-      compiler_params=_compiler_params(backend, bs, 3),
+      out_specs=[pl.BlockSpec((None, None, block_h, w), lambda i, j, k: (i, k, j, 0))
+                 for w in (dc, 1, 1)],
+      out_shape=_partials(b, num_splits, h_pad, dc),
+      compiler_params=_compiler_params(backend, bs, ("parallel",) * 3),
       interpret=interpret,
       name="mla_decode",
-  )(lengths.astype(jnp.int32), q_latent, q_rope, kv_latent, k_rope)
-  return _combine(acc, m, l)[:, :h].astype(q_latent.dtype)
+  )(*operands)
+
+
+def _call_sequential(operands, bs, backend, interpret, block_h, num_head_blocks, **static):
+  (b, h_pad, dc), (s, dr) = operands[1].shape, operands[4].shape[1:]
+  block_s = bs.block_s
+
+  def kv_map(i, j, k, lengths):   # steps past the row's length stay on its last valid block
+    valid_blocks = pl.cdiv(jnp.minimum(lengths[i], s), block_s)
+    return i, jnp.clip(k, 0, jnp.maximum(valid_blocks - 1, 0)), 0
+
+  kernel = functools.partial(_decode_kernel_sequential, **static)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(b, num_head_blocks, pl.cdiv(s, block_s)),
+          in_specs=[
+              pl.BlockSpec((None, block_h, dc), lambda i, j, k, lengths: (i, j, 0)),
+              pl.BlockSpec((None, block_h, dr), lambda i, j, k, lengths: (i, j, 0)),
+              pl.BlockSpec((None, block_s, dc), kv_map),
+              pl.BlockSpec((None, block_s, dr), kv_map),
+          ],
+          out_specs=[pl.BlockSpec((None, None, block_h, w),
+                                  lambda i, j, k, lengths: (i, 0, j, 0)) for w in (dc, 1, 1)],
+          scratch_shapes=[pltpu.VMEM((block_h, w), jnp.float32) for w in (1, 1, dc)],
+      ),
+      out_shape=_partials(b, 1, h_pad, dc),
+      compiler_params=_compiler_params(backend, bs, ("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="mla_decode",
+  )(*operands)

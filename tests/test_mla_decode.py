@@ -1,4 +1,5 @@
-"""mla_decode Pallas kernel (interpret mode) against pallas_kernels.reference.mla_decode."""
+"""mla_decode Pallas kernel (interpret mode, both grid forms) against
+pallas_kernels.reference.mla_decode."""
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,9 @@ S, DC, DR = 37, 32, 16   # S is not a multiple of block_s; Dc != Dr
 NO_SPLIT = MlaDecodeBlockSizes(block_s=8)
 SPLIT = MlaDecodeBlockSizes(block_s=8, min_programs=64)   # flash-decoding: 5 splits of 8
 HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4, min_programs=32)
+SEQUENTIAL = MlaDecodeBlockSizes(block_s=8, sequential_grid=True)   # the Mosaic TPU form
+SEQUENTIAL_HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4,
+                                             sequential_grid=True)
 # Empty row, one entry, the full cache, a block end, a length inside a block, random ones.
 LENGTHS = [0, 1, S, 8, 17] + np.random.default_rng(0).integers(0, S + 1, size=3).tolist()
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -35,22 +39,26 @@ def _check(h, lengths, dtype, block_sizes, s=S, seed=0):
   assert not np.any(out[np.asarray(lengths) == 0])   # length 0 -> exact zeros
 
 
-@pytest.mark.parametrize("block_sizes", [NO_SPLIT, SPLIT], ids=["one_split", "split"])
+@pytest.mark.parametrize("block_sizes", [NO_SPLIT, SPLIT, SEQUENTIAL],
+                         ids=["one_split", "split", "sequential"])
 def test_matches_reference(block_sizes):
   _check(3, LENGTHS, jnp.float32, block_sizes)
 
 
-def test_bfloat16():
-  _check(3, LENGTHS, jnp.bfloat16, SPLIT, seed=1)
+@pytest.mark.parametrize("block_sizes", [SPLIT, SEQUENTIAL], ids=["split", "sequential"])
+def test_bfloat16(block_sizes):
+  _check(3, LENGTHS, jnp.bfloat16, block_sizes, seed=1)
 
 
 def test_single_head():
   _check(1, [S, 23], jnp.float32, SPLIT, seed=2)
 
 
-def test_head_blocks():
-  # 6 heads padded to 8, two heads per program: 4 head blocks x 2 splits per row.
-  _check(6, LENGTHS[:4], jnp.float32, HEAD_BLOCKS, seed=3)
+@pytest.mark.parametrize("block_sizes", [HEAD_BLOCKS, SEQUENTIAL_HEAD_BLOCKS],
+                         ids=["split", "sequential"])
+def test_head_blocks(block_sizes):
+  # 6 heads padded to 8, two heads per program: 4 head blocks (x 2 splits per row when split).
+  _check(6, LENGTHS[:4], jnp.float32, block_sizes, seed=3)
 
 
 def test_default_block_sizes():

@@ -22,6 +22,7 @@ import pallas_kernels as pk
 from pallas_kernels import reference
 from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
 from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
+from pallas_kernels.mla_decode import MlaDecodeBlockSizes
 import tpu_rules
 
 TPU = pltpu.InterpretParams()
@@ -51,6 +52,7 @@ def _vjp_both(kernel, ref, args, cotangent):
 def test_tpu_interpreter_picks_the_tpu_forms():
   assert AttentionBlockSizes.for_backend(pk.platform.target(TPU)).sequential_grid
   assert GmmBlockSizes.for_platform(pk.platform.target(TPU)).sequential_grid
+  assert MlaDecodeBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
   assert pk.platform.target(True) == "interpret" and pk.platform.resolve_interpret(TPU) is TPU
 
 
@@ -81,8 +83,8 @@ def test_attention(t, s, causal, packed, dtype):
 
 
 @pytest.mark.parametrize("b, h, lengths", [
-    (4, 16, [0, 1, 999, 517]),   # empty row, one entry, block tails
-    (1, 3, [1000]),              # one row: the cache splits (flash-decoding); 3 heads pad to 8
+    (4, 16, [0, 1, 999, 517]),   # empty row, one entry, block tails: steps past the length
+    (1, 3, [1000]),              # the whole cache, its last block a tail; 3 heads pad to 8
 ])
 def test_decode(b, h, lengths):
   lat, rope, cache, krope = _random(1, (b, h, 512), (b, h, 64), (b, 1000, 512), (b, 1000, 64))
@@ -157,8 +159,9 @@ def test_portable_attention_would_not_fit_tpu_vmem():
 def test_decode_blocks_fit(s):
   args = _abstract((64, 128, 512), (64, 128, 64), (64, s, 512), (64, s, 64))
   lengths = jax.ShapeDtypeStruct((64,), jnp.int32)
-  tpu_rules.assert_mosaic_blocks(functools.partial(pk.mla_decode, sm_scale=0.05, interpret=TPU),
-                                 *args, lengths)
+  used = tpu_rules.assert_mosaic_blocks(
+      functools.partial(pk.mla_decode, sm_scale=0.05, interpret=TPU), *args, lengths)
+  assert used < 4 * 2**20   # one cache block at a time: independent of the cache length
 
 
 @pytest.mark.parametrize("m, k, n, g", [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32)])
