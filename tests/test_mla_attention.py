@@ -80,6 +80,30 @@ def test_matches_reference(b, t, s, h, d_qk, d_v, causal, sm_scale, form):
     _assert_matches(q, k, v, do, causal=causal, sm_scale=sm_scale, form=form)
 
 
+def _random_case(seed):
+  """A random problem: lengths 1-70 (T != S, or packed when equal), 1-3 heads, head dims not
+  powers of two, causal or not, float32 or bfloat16."""
+  rng = np.random.default_rng(seed)
+  t = int(rng.integers(1, 71))
+  s = t if rng.random() < 0.5 else int(rng.integers(1, 71))
+  dims = dict(b=int(rng.integers(1, 3)), t=t, s=s, h=int(rng.integers(1, 4)),
+              d_qk=int(rng.integers(1, 25)) * 8, d_v=int(rng.integers(1, 17)) * 8)
+  segments = int(rng.integers(1, min(t, 4) + 1)) if t == s and t > 1 else 1
+  return dims, bool(rng.random() < 0.7), segments, jnp.bfloat16 if seed % 3 == 2 else jnp.float32
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes(seed, form):
+  dims, causal, segments, dtype = _random_case(seed)
+  q, k, v, do = _inputs(seed, dims["b"], dims["t"], dims["s"], dims["h"], dims["d_qk"],
+                        dims["d_v"], dtype)
+  seg = _segments(seed, dims["b"], dims["t"], segments) if segments > 1 else None
+  with jax.default_matmul_precision("highest"):
+    _assert_matches(q, k, v, do, segment_ids=seg, causal=causal, form=form,
+                    tol=2e-2 if dtype == jnp.bfloat16 else 1e-5)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_packed_segments(form):  # also causal self-attention with T = S not a block multiple
   q, k, v, do = _inputs(1, 2, 70, 70, 2, 24, 16)
