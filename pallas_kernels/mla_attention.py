@@ -16,10 +16,10 @@ Two grid forms of each kernel, picked by `BlockSizes.sequential_grid`, share the
 - portable (Triton on GPU, interpret mode on CPU): a program holds (b, h)'s whole K and V (or
   Q, dO for dk/dv) and loops over their blocks itself.
 - sequential (Mosaic TPU): the streamed blocks are the grid's last axis, run in order, with the
-  running sums in float32 VMEM scratch. Only one block of each operand is in VMEM at a time, so
-  VMEM use does not grow with the sequence (the portable form's dk/dv kernel needs 28 MiB of
+  running sums in float32 VMEM scratch. Only one block of each operand (two, double-buffered) is
+  in VMEM at a time, so VMEM use does not grow with the sequence (the portable form's dk/dv kernel needs 28 MiB of
   VMEM at 8k tokens, over the 16 MiB default of TPU v4/v5e). Steps whose block causality hides
-  compute nothing and map to the block already loaded, so the pipeline fetches nothing new.
+  compute nothing and map to a visible block, so the pipeline never fetches a block twice.
 
 Layout, done once in the wrapper: heads go next to batch ([B,H,L,D]); lengths are zero padded to
 block multiples (no block is read out of bounds; the padded keys are masked by position); Dqk is
@@ -66,6 +66,12 @@ class BlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   sequential_grid: bool = False
+
+  def __post_init__(self):
+    # The padded lengths are multiples of the larger block; the smaller must divide them.
+    blocks = (self.block_q, self.block_k, self.block_q_bwd, self.block_k_bwd)
+    if any(b < 1 or b & (b - 1) for b in blocks):
+      raise ValueError(f"attention block sizes must be powers of two, got {blocks}")
 
   @classmethod
   def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
@@ -339,7 +345,7 @@ def _streamed(c, bq, bk):
     return jnp.clip(j, 0, jnp.maximum(_kv_end(c, i, bq, bk) - 1, 0))
 
   def q_block(j, i):
-    return jnp.clip(i, _q_begin(c, j, bq, bk), _q_end(c, bq) - 1)
+    return jnp.minimum(jnp.maximum(i, _q_begin(c, j, bq, bk)), _q_end(c, bq) - 1)
   return kv_block, q_block
 
 

@@ -24,7 +24,8 @@ Two grid forms, picked by `MlaDecodeBlockSizes.sequential_grid`:
 - sequential (Mosaic TPU): the cache blocks are the grid's last axis, run in order, with the
   running (acc, m, l) in float32 VMEM scratch and the lengths prefetched into SMEM. The block
   map sends every step at or past a row's length to the row's last valid block, which is
-  already in VMEM, so the pipeline never copies cache entries past `lengths[b]` from HBM.
+  already in VMEM, so the pipeline copies no cache block past the one holding the row's last
+  entry.
 """
 
 import dataclasses
