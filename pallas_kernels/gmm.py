@@ -56,7 +56,7 @@ class BlockSizes:
 
 
 def _compiler_params(bs: BlockSizes, interpret, semantics: tuple[str, ...]):
-  if interpret is True:   # plain interpret mode; the TPU interpreter takes Mosaic's parameters
+  if platform.target(interpret) == "interpret":   # the TPU interpreter takes Mosaic's
     return None
   if bs.sequential_grid:
     return pltpu.CompilerParams(dimension_semantics=semantics)

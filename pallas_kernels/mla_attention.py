@@ -338,15 +338,21 @@ def _seg(ref, index=...):
   return None if ref is None else ref[index]
 
 
-def _streamed(c, bq, bk):
-  """Block maps of the sequential form: (query block, key block) of grid step (i, j), with the
-  steps that causality hides mapped to the nearest visible block (already in VMEM)."""
-  def kv_block(i, j):
-    return jnp.clip(j, 0, jnp.maximum(_kv_end(c, i, bq, bk) - 1, 0))
+def _by_axis2(block, *_):
+  """The block that grid axis 2 owns (a query block, or a key block for dk/dv)."""
+  return block
 
-  def q_block(j, i):
-    return jnp.minimum(jnp.maximum(i, _q_begin(c, j, bq, bk)), _q_end(c, bq) - 1)
-  return kv_block, q_block
+
+def _kv_block_map(c, bq, bk):
+  """Sequential form: key block of grid step (i, j); steps that causality hides stay on the
+  last visible block (already in VMEM)."""
+  return lambda i, j: jnp.clip(j, 0, jnp.maximum(_kv_end(c, i, bq, bk) - 1, 0))
+
+
+def _q_block_map(c, bq, bk):
+  """Sequential dk/dv: query block of grid step (j, i); steps before the first query block
+  that sees key block j stay on that block."""
+  return lambda j, i: jnp.minimum(jnp.maximum(i, _q_begin(c, j, bq, bk)), _q_end(c, bq) - 1)
 
 
 # -- Forward. ----------------------------------------------------------------------------------
@@ -398,25 +404,24 @@ def _fwd(c, qs, ks, v, q_seg, kv_seg):
   bq, bk = c.blocks.block_q, c.blocks.block_k
   out_shape = [jax.ShapeDtypeStruct((b, h, t_pad, d_v), qs[0].dtype),
                jax.ShapeDtypeStruct((b, h, t_pad, 1), jnp.float32)]
-  q_rows = lambda i, *_: i  # noqa: E731 -- the query block is grid axis 2 in both forms
   args = (qs, ks, v, q_seg, kv_seg)
   if not c.blocks.sequential_grid:
     return _call(
         functools.partial(_fwd_kernel, c=c, bq=bq, bk=bk), c, (b, h, t_pad // bq),
-        in_specs=[tuple(_rows_spec(bq, x.shape[-1], q_rows) for x in qs),
+        in_specs=[tuple(_rows_spec(bq, x.shape[-1], _by_axis2) for x in qs),
                   tuple(_whole(x) for x in ks), _whole(v),
-                  *_seg_specs(q_seg, kv_seg, bq, q_rows, None, None)],
-        out_specs=[_rows_spec(bq, d_v, q_rows), _rows_spec(bq, 1, q_rows)],
+                  *_seg_specs(q_seg, kv_seg, bq, _by_axis2, None, None)],
+        out_specs=[_rows_spec(bq, d_v, _by_axis2), _rows_spec(bq, 1, _by_axis2)],
         out_shape=out_shape, args=args, name="mla_attention_fwd")
-  kv_block, _ = _streamed(c, bq, bk)
+  kv_block = _kv_block_map(c, bq, bk)
   return _call(
       functools.partial(_fwd_kernel_sequential, c=c, bq=bq, bk=bk), c,
       (b, h, t_pad // bq, s_pad // bk),
-      in_specs=[tuple(_rows_spec(bq, x.shape[-1], q_rows) for x in qs),
+      in_specs=[tuple(_rows_spec(bq, x.shape[-1], _by_axis2) for x in qs),
                 tuple(_rows_spec(bk, x.shape[-1], kv_block) for x in ks),
                 _rows_spec(bk, d_v, kv_block),
-                *_seg_specs(q_seg, kv_seg, bq, q_rows, bk, kv_block)],
-      out_specs=[_rows_spec(bq, d_v, q_rows), _rows_spec(bq, 1, q_rows)],
+                *_seg_specs(q_seg, kv_seg, bq, _by_axis2, bk, kv_block)],
+      out_specs=[_rows_spec(bq, d_v, _by_axis2), _rows_spec(bq, 1, _by_axis2)],
       out_shape=out_shape, args=args, name="mla_attention_fwd",
       scratch_shapes=[pltpu.VMEM((bq, d_v), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, 1), jnp.float32)])
@@ -517,17 +522,16 @@ def _bwd(c, qs, ks, v, q_seg, kv_seg, o, lse, do):
   delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
   args = (qs, ks, v, do, lse, delta, q_seg, kv_seg)
   sequential = c.blocks.sequential_grid
-  by_axis2 = lambda r, *_: r  # noqa: E731 -- the block that grid axis 2 owns
 
   # dq: grid axis 2 owns a query block; key blocks stream (loop, or grid axis 3).
   bq, bk = c.blocks.block_q, c.blocks.block_k
-  kv_block, _ = _streamed(c, bq, bk)
+  kv_block = _kv_block_map(c, bq, bk)
   kv_spec = ((lambda x: _rows_spec(bk, x.shape[-1], kv_block)) if sequential else _whole)
-  q_part = [tuple(_rows_spec(bq, x.shape[-1], by_axis2) for x in qs), tuple(map(kv_spec, ks)),
-            kv_spec(v), _rows_spec(bq, d_v, by_axis2), _rows_spec(bq, 1, by_axis2),
-            _rows_spec(bq, 1, by_axis2),
-            *_seg_specs(q_seg, kv_seg, bq, by_axis2, bk if sequential else None, kv_block)]
-  dq_out = dict(out_specs=(tuple(_rows_spec(bq, x.shape[-1], by_axis2) for x in qs),),
+  q_part = [tuple(_rows_spec(bq, x.shape[-1], _by_axis2) for x in qs), tuple(map(kv_spec, ks)),
+            kv_spec(v), _rows_spec(bq, d_v, _by_axis2), _rows_spec(bq, 1, _by_axis2),
+            _rows_spec(bq, 1, _by_axis2),
+            *_seg_specs(q_seg, kv_seg, bq, _by_axis2, bk if sequential else None, kv_block)]
+  dq_out = dict(out_specs=(tuple(_rows_spec(bq, x.shape[-1], _by_axis2) for x in qs),),
                 out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qs),),
                 args=args, name="mla_attention_dq")
   if sequential:
@@ -541,13 +545,13 @@ def _bwd(c, qs, ks, v, q_seg, kv_seg, o, lse, do):
 
   # dk, dv: grid axis 2 owns a key block; query blocks stream.
   bq, bk = c.blocks.block_q_bwd, c.blocks.block_k_bwd
-  _, q_block = _streamed(c, bq, bk)
+  q_block = _q_block_map(c, bq, bk)
   q_spec = ((lambda x: _rows_spec(bq, x.shape[-1], q_block)) if sequential else _whole)
-  kv_part = [tuple(map(q_spec, qs)), tuple(_rows_spec(bk, x.shape[-1], by_axis2) for x in ks),
-             _rows_spec(bk, d_v, by_axis2), q_spec(do), q_spec(lse), q_spec(delta),
-             *_seg_specs(q_seg, kv_seg, bq if sequential else None, q_block, bk, by_axis2)]
-  dkv_out = dict(out_specs=(tuple(_rows_spec(bk, x.shape[-1], by_axis2) for x in ks),
-                            _rows_spec(bk, d_v, by_axis2)),
+  kv_part = [tuple(map(q_spec, qs)), tuple(_rows_spec(bk, x.shape[-1], _by_axis2) for x in ks),
+             _rows_spec(bk, d_v, _by_axis2), q_spec(do), q_spec(lse), q_spec(delta),
+             *_seg_specs(q_seg, kv_seg, bq if sequential else None, q_block, bk, _by_axis2)]
+  dkv_out = dict(out_specs=(tuple(_rows_spec(bk, x.shape[-1], _by_axis2) for x in ks),
+                            _rows_spec(bk, d_v, _by_axis2)),
                  out_shape=(tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in ks),
                             jax.ShapeDtypeStruct(v.shape, v.dtype)),
                  args=args, name="mla_attention_dkv")

@@ -250,8 +250,8 @@ def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) ->
                         "num_stages"))
     fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
     step = _rate(3 * flops_fwd, _train_step(attn, ct), args, iters, what + " fwd+bwd")
-    rows.append([what] + [x / 1e12 if x else "failed" for x in (fwd, step)]
-                + [step / peak if step else "-"])
+    rows.append([what] + [x / 1e12 if x is not None else "failed" for x in (fwd, step)]
+                + [step / peak if step is not None else "-"])
   table(f"Sweep: MLA attention blocks, B={b} T={t} H={h}, bf16 (first row: the default)",
         ["blocks", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak"], rows)
 
@@ -265,7 +265,7 @@ def sweep_decode(shape, configs, bandwidth: float, iters: int, interpret: bool) 
     fn = jax.jit(functools.partial(pk.mla_decode, sm_scale=0.07, interpret=interpret,
                                    block_sizes=bs))
     rate = _rate(nbytes, fn, args, iters, what)
-    rows.append([what, rate / 1e9 if rate else "failed", rate / bandwidth if rate else "-"])
+    rows.append([what] + ([rate / 1e9, rate / bandwidth] if rate is not None else ["failed", "-"]))
   table(f"Sweep: MLA decode blocks, B={b} S={s} H={h}, bf16 (first row: the default)",
         ["blocks", "GB/s", "of copy bandwidth"], rows)
 
@@ -281,7 +281,7 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
                    args, iters, f"{name} {what}")
              for name, fn, args in (("gmm", pk.gmm, (lhs, rhs, sizes)),
                                     ("tgmm", tgmm, (lhs, grad, sizes)))]
-    rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r else "failed" for r in rates])
+    rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r is not None else "failed" for r in rates])
   table(f"Sweep: gmm / tgmm blocks, M={m} K={kd} N={n} G={g}, bf16 (first row: the default; "
         "% of a dense matmul)", ["blocks", "gmm TFLOP/s", "tgmm TFLOP/s"], rows)
 
