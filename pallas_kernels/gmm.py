@@ -23,12 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-try:  # Pallas Triton (masked loads/stores, compiler params): deprecated since JAX 0.11, still
-  from jax.experimental.pallas import triton as pltriton   # the portable GPU path.
-except ImportError:  # a JAX without it still imports this module and runs the TPU form
-  pltriton = None
-
 from pallas_kernels import platform
+from pallas_kernels.platform import pltriton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +52,8 @@ class BlockSizes:
 
 
 def _compiler_params(bs: BlockSizes, interpret, semantics: tuple[str, ...]):
-  if platform.target(interpret) == "interpret":   # the TPU interpreter takes Mosaic's
-    return None
-  if bs.sequential_grid:
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-  return pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
+  return platform.compiler_params(interpret, semantics, num_warps=bs.num_warps,
+                                  num_stages=bs.num_stages)
 
 
 def _group_offsets(group_sizes, m):
@@ -142,7 +135,7 @@ def _gmm_parallel(lhs, rhs, offsets, bs, interpret, transpose_rhs):
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
       grid=(pl.cdiv(n, bn), pl.cdiv(m, bm)),
-      compiler_params=_compiler_params(bs, interpret, ()),
+      compiler_params=_compiler_params(bs, interpret, ("parallel",) * 2),
       interpret=interpret,
   )(offsets, group_lo, group_hi, lhs, rhs)
 
@@ -261,7 +254,7 @@ def _tgmm_parallel(lhs, grad, offsets, bs, interpret):
       kernel,
       out_shape=jax.ShapeDtypeStruct((g, k, n), jnp.float32),
       grid=(g, pl.cdiv(k, bk), pl.cdiv(n, bn)),
-      compiler_params=_compiler_params(bs, interpret, ()),
+      compiler_params=_compiler_params(bs, interpret, ("parallel",) * 3),
       interpret=interpret,
   )(offsets, lhs, grad)
 

@@ -36,15 +36,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import platform
-
-try:
-  from jax.experimental.pallas import triton as pltriton
-  _TritonParams = pltriton.CompilerParams
-except (ImportError, AttributeError):  # newer JAX: only through the GPU module
-  from jax.experimental.pallas import gpu as plgpu
-  _TritonParams = plgpu.TritonCompilerParams
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import platform
 
 _MIN_DIM = 16  # Triton's smallest dot dimension
 
@@ -318,13 +312,9 @@ def _seg_specs(q_seg, kv_seg, q_rows, q_block, kv_cols, kv_block):
 
 
 def _compiler_params(c):
-  target = platform.target(c.interpret)
-  if target == "gpu":  # explicit Triton params select the Triton lowering
-    return _TritonParams(num_warps=c.blocks.num_warps, num_stages=c.blocks.num_stages)
-  if target == "tpu":  # the sequential form's streamed axis runs in order
-    streamed = ("arbitrary",) if c.blocks.sequential_grid else ()
-    return pltpu.CompilerParams(dimension_semantics=("parallel",) * 3 + streamed)
-  return None
+  streamed = ("arbitrary",) if c.blocks.sequential_grid else ()   # runs in order
+  return platform.compiler_params(c.interpret, ("parallel",) * 3 + streamed,
+                                  num_warps=c.blocks.num_warps, num_stages=c.blocks.num_stages)
 
 
 def _call(kernel, c, grid, in_specs, out_specs, out_shape, args, name, scratch_shapes=()):

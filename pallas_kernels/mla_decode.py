@@ -38,11 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import platform
-
-try:  # Triton: the portable GPU lowering of pallas_call (deprecated in JAX 0.11, still there).
-  from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover
-  _pltriton = None
+from pallas_kernels.platform import pltriton
 
 _NEG_INF = float("-inf")
 
@@ -85,7 +81,7 @@ def _load_rows(ref, rows, valid, masked_load):
   Triton does not clip block reads at the array end: mask the load itself.
   """
   if masked_load:
-    return _pltriton.load(ref.at[rows, :], mask=valid, other=0)
+    return pltriton.load(ref.at[rows, :], mask=valid, other=0)
   return jnp.where(valid, ref[rows, :], 0)
 
 
@@ -193,17 +189,6 @@ def _lengths_spec(backend, b):
   return pl.BlockSpec((b,), lambda *_: (0,))
 
 
-def _compiler_params(backend, bs: MlaDecodeBlockSizes, semantics):
-  if backend == "gpu":   # Triton params select the Triton lowering (not Mosaic GPU)
-    if hasattr(_pltriton, "CompilerParams"):
-      return _pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
-    from jax.experimental.pallas import gpu as plgpu   # older JAX
-    return plgpu.TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
-  if backend == "tpu":
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-  return None
-
-
 def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interpret=None,
                block_sizes: MlaDecodeBlockSizes | None = None):
   """Absorbed MLA decode; the semantics of `pallas_kernels.reference.mla_decode`.
@@ -255,7 +240,8 @@ def _call_portable(operands, bs, backend, interpret, block_h, num_head_blocks, *
       out_specs=[pl.BlockSpec((None, None, block_h, w), lambda i, j, k: (i, k, j, 0))
                  for w in (dc, 1, 1)],
       out_shape=_partials(b, num_splits, h_pad, dc),
-      compiler_params=_compiler_params(backend, bs, ("parallel",) * 3),
+      compiler_params=platform.compiler_params(interpret, ("parallel",) * 3,
+                                              num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name="mla_decode",
   )(*operands)
@@ -286,7 +272,7 @@ def _call_sequential(operands, bs, backend, interpret, block_h, num_head_blocks,
           scratch_shapes=[pltpu.VMEM((block_h, w), jnp.float32) for w in (1, 1, dc)],
       ),
       out_shape=_partials(b, 1, h_pad, dc),
-      compiler_params=_compiler_params(backend, bs, ("parallel", "parallel", "arbitrary")),
+      compiler_params=platform.compiler_params(interpret, ("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="mla_decode",
   )(*operands)

@@ -26,11 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import platform
-
-try:  # Triton: the portable GPU lowering of pallas_call (deprecated in JAX 0.11, still there).
-  from jax.experimental.pallas import triton as _pltriton
-except ImportError:  # pragma: no cover
-  _pltriton = None
+from pallas_kernels.platform import pltriton
 
 _NEG_INF = float("-inf")
 
@@ -61,7 +57,7 @@ def _load(ref, valid, masked_load):
   Triton does not clip block reads at the array end: mask the load itself.
   """
   if masked_load:
-    x = _pltriton.load(ref, mask=valid, other=0)
+    x = pltriton.load(ref, mask=valid, other=0)
   else:
     x = jnp.where(valid, ref[...], 0)
   return x.astype(jnp.float32)
@@ -138,18 +134,6 @@ def _route_kernel(*refs, n, e, top_k, n_group, topk_group, score_fn, norm_topk_p
     weights = weights / (jnp.sum(weights, axis=1, keepdims=True) + 1e-20)
   weights_ref[...] = weights * routed_scaling_factor
   experts_ref[...] = experts.astype(jnp.int32)
-
-
-def _compiler_params(backend, bs: MoeRouteBlockSizes):
-  if backend == "gpu":   # Triton params select the Triton lowering (not Mosaic GPU)
-    if hasattr(_pltriton, "CompilerParams"):
-      return _pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
-    from jax.experimental.pallas import gpu as plgpu   # older JAX
-    return plgpu.TritonCompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel",))
-  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +231,8 @@ def _route_pallas(routing: _Routing, logits, bias):
       out_specs=[pl.BlockSpec((bs.block_n, k_pad), lambda i: (i, 0))] * 2,
       out_shape=[jax.ShapeDtypeStruct((n_pad, k_pad), jnp.float32),
                  jax.ShapeDtypeStruct((n_pad, k_pad), jnp.int32)],
-      compiler_params=_compiler_params(backend, bs),
+      compiler_params=platform.compiler_params(interpret, ("parallel",), num_warps=bs.num_warps,
+                                              num_stages=bs.num_stages),
       interpret=interpret,
       name="moe_route",
   )(*operands)

@@ -5,8 +5,15 @@
 memory spaces) in Pallas's TPU interpreter on CPU: the tests' stand-in for a TPU.
 """
 
+from collections.abc import Sequence
+
 import jax
 from jax.experimental.pallas import tpu as pltpu
+
+try:  # Pallas Triton: the portable GPU lowering's masked loads/stores and launch parameters
+  from jax.experimental.pallas import triton as pltriton   # (deprecated since JAX 0.11)
+except ImportError:  # a JAX without it still runs the TPU forms and interpret mode
+  pltriton = None
 
 Interpret = bool | pltpu.InterpretParams | None
 
@@ -32,3 +39,19 @@ def target(interpret: Interpret) -> str:
   if isinstance(interpret, pltpu.InterpretParams):
     return "tpu"
   return "interpret" if interpret else backend()
+
+
+def compiler_params(interpret: Interpret, semantics: Sequence[str], *,
+                    num_warps: int | None = None, num_stages: int | None = None):
+  """A pallas_call's compiler parameters for the form `target(interpret)` gives.
+
+  GPU: Triton's launch parameters (passing them also selects the Triton lowering over Mosaic
+  GPU). TPU, compiled or interpreted: Mosaic's `semantics` of the grid axes ('parallel' or
+  'arbitrary', i.e. run in order). Plain interpret mode: none.
+  """
+  form = target(interpret)
+  if form == "gpu":
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if form == "tpu":
+    return pltpu.CompilerParams(dimension_semantics=tuple(semantics))
+  return None

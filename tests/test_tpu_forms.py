@@ -56,18 +56,39 @@ def test_tpu_interpreter_picks_the_tpu_forms():
   assert pk.platform.target(True) == "interpret" and pk.platform.resolve_interpret(TPU) is TPU
 
 
+def test_compiler_params_follow_the_form(monkeypatch):
+  """Triton's launch parameters compiled on a GPU, Mosaic's grid semantics on a TPU or in its
+  interpreter, none in plain interpret mode."""
+  semantics = ("parallel", "arbitrary")
+  assert pk.platform.compiler_params(True, semantics, num_warps=4) is None
+  tpu = pk.platform.compiler_params(TPU, semantics, num_warps=4)
+  assert isinstance(tpu, pltpu.CompilerParams) and tpu.dimension_semantics == semantics
+  monkeypatch.setattr(pk.platform, "backend", lambda: "gpu")
+  gpu = pk.platform.compiler_params(False, semantics, num_warps=8, num_stages=3)
+  assert isinstance(gpu, pk.platform.pltriton.CompilerParams)
+  assert (gpu.num_warps, gpu.num_stages) == (8, 3)
+
+
 # -- The TPU forms, run in the TPU interpreter. -------------------------------------------------
 
 
+# Query and key blocks of different sizes, swapped between the forward and dk/dv kernels.
+UNEQUAL = AttentionBlockSizes(block_q=128, block_k=256, block_q_bwd=256, block_k_bwd=128,
+                              sequential_grid=True)
+
+
 @pytest.mark.parametrize(
-    "t, s, causal, packed, dtype",
+    "t, s, causal, packed, dtype, blocks",
     [
-        (300, 300, True, True, jnp.float32),    # 3 query/key blocks of 128, tails, 4 segments
-        (130, 300, True, False, jnp.float32),   # T < S: bottom-right causal, key blocks skipped
-        (300, 130, True, False, jnp.float32),   # T > S: the first rows see no key -> zeros
-        (200, 200, False, True, BF16),          # non-causal packed, bfloat16
+        (300, 300, True, True, jnp.float32, None),  # 3 query/key blocks of 128, tails, 4 segments
+        (130, 300, True, False, jnp.float32, None),   # T < S: bottom-right causal, blocks skipped
+        (300, 130, True, False, jnp.float32, None),   # T > S: the first rows see no key -> zeros
+        (200, 200, False, True, BF16, None),          # non-causal packed, bfloat16
+        (300, 300, True, True, jnp.float32, UNEQUAL),   # unequal blocks: packed,
+        (300, 400, True, False, jnp.float32, UNEQUAL),  # T < S causal,
+        (400, 300, False, False, jnp.float32, UNEQUAL),  # T > S non-causal
     ])
-def test_attention(t, s, causal, packed, dtype):
+def test_attention(t, s, causal, packed, dtype, blocks):
   b, h = 2, 2
   q, k, v, do = _random(0, (b, t, h, 192), (b, s, h, 192), (b, s, h, 128), (b, t, h, 128),
                         dtype=dtype)
@@ -76,7 +97,8 @@ def test_attention(t, s, causal, packed, dtype):
     seg = jnp.asarray(np.repeat(np.arange(4), -(-t // 4))[None, :t].repeat(b, 0), jnp.int32)
   kw = dict(segment_ids=seg, causal=causal)
   with jax.default_matmul_precision("highest"):
-    got, want = _vjp_both(functools.partial(pk.mla_attention, interpret=TPU, **kw),
+    got, want = _vjp_both(functools.partial(pk.mla_attention, interpret=TPU, block_sizes=blocks,
+                                            **kw),
                           functools.partial(reference.mla_attention, **kw), (q, k, v), do)
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     _close(x, y, 2e-2 if dtype == BF16 else 1e-5, name)
@@ -85,6 +107,7 @@ def test_attention(t, s, causal, packed, dtype):
 @pytest.mark.parametrize("b, h, lengths", [
     (4, 16, [0, 1, 999, 517]),   # empty row, one entry, block tails: steps past the length
     (1, 3, [1000]),              # the whole cache, its last block a tail; 3 heads pad to 8
+    (3, 8, [-3, 1500, 512]),     # lengths out of range: none, and the whole cache; 512 = 1 block
 ])
 def test_decode(b, h, lengths):
   lat, rope, cache, krope = _random(1, (b, h, 512), (b, h, 64), (b, 1000, 512), (b, 1000, 64))
@@ -119,6 +142,76 @@ def test_moe_route(kw):
   ref_weights, ref_experts = reference.moe_route(logits, bias, **kw)
   np.testing.assert_array_equal(np.asarray(experts), np.asarray(ref_experts))
   _close(weights, ref_weights, 1e-6)
+
+
+# -- Megacore: the 'parallel' grid axes split over two cores, run with race detection. ---------
+
+TWO_CORES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+
+
+@pytest.fixture
+def race_checks(monkeypatch):
+  """The race-detection state of every kernel the TPU interpreter runs (it makes one per
+  pallas_call and keeps only the last)."""
+  interpreter = pytest.importorskip("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+                                    reason="the TPU interpreter's race detector moved")
+  states = []
+
+  class Recorded(interpreter.RaceDetectionState):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      states.append(self)
+
+  monkeypatch.setattr(interpreter, "RaceDetectionState", Recorded)
+  return states
+
+
+def test_race_detector_sees_two_cores_writing_one_block(race_checks):
+  """The check below can fail: a 'parallel' axis whose programs share an output block races."""
+  from jax.experimental import pallas as pl
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] += x_ref[...]
+  racy = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+                        grid=(2,), in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+                        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
+                        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+                        interpret=TWO_CORES)
+  jax.block_until_ready(racy(jnp.ones((16, 128))))
+  assert [state.races_found for state in race_checks] == [True]
+
+
+def _attention_fwd_bwd():
+  q, k, v = _random(5, (1, 300, 2, 192), (1, 300, 2, 192), (1, 300, 2, 128))
+  out, vjp = jax.vjp(functools.partial(pk.mla_attention, interpret=TWO_CORES), q, k, v)
+  return vjp(out)
+
+
+def _decode():
+  lat, rope, cache, krope = _random(6, (2, 8, 512), (2, 8, 64), (2, 1000, 512), (2, 1000, 64))
+  return pk.mla_decode(lat, rope, cache, krope, jnp.asarray([700, 1000], jnp.int32),
+                       sm_scale=0.05, interpret=TWO_CORES)
+
+
+def _gmm_fwd_bwd():
+  lhs, rhs = _random(7, (300, 256), (4, 256, 256))
+  sizes = jnp.asarray([100, 0, 150, 50], jnp.int32)
+  out, vjp = jax.vjp(lambda a, w: pk.gmm(a, w, sizes, interpret=TWO_CORES), lhs, rhs)
+  return vjp(out)
+
+
+def _route():
+  (logits,) = _random(8, (600, 64))
+  return pk.moe_route(logits, None, top_k=4, n_group=4, topk_group=2, interpret=TWO_CORES)
+
+
+@pytest.mark.parametrize("run, kernels", [
+    (_attention_fwd_bwd, 3), (_decode, 1), (_gmm_fwd_bwd, 3), (_route, 1)],
+    ids=["attention", "decode", "gmm", "moe_route"])
+def test_parallel_axes_are_race_free_on_two_cores(race_checks, run, kernels):
+  jax.block_until_ready(run())
+  assert len(race_checks) == kernels
+  assert not any(state.races_found for state in race_checks)
 
 
 # -- Mosaic's rules at production shapes (traced, not run). -------------------------------------
@@ -179,15 +272,36 @@ def test_moe_route_blocks_fit():
       *_abstract((16384, 256), (256,), dtype=jnp.float32))
 
 
-def test_rules_catch_a_bad_block():
-  """The checker itself: a (8, 64) block of a (16, 256) array breaks the 128-lane rule."""
+def _copy(shape, block, semantics=None, dtype=jnp.float32):
+  """A blocked copy of an array of `shape`, for the checker's own tests."""
   from jax.experimental import pallas as pl
+  grid = tuple(-(-a // b) for a, b in zip(shape, block))
+  index = lambda *ij: ij
+  params = semantics and pltpu.CompilerParams(dimension_semantics=semantics)
+  call = pl.pallas_call(lambda x_ref, o_ref: o_ref.__setitem__(..., x_ref[...]),
+                        out_shape=jax.ShapeDtypeStruct(shape, dtype), grid=grid,
+                        in_specs=[pl.BlockSpec(block, index)],
+                        out_specs=pl.BlockSpec(block, index), compiler_params=params,
+                        interpret=TPU)
+  return call, jax.ShapeDtypeStruct(shape, dtype)
 
-  def copy(x):
-    return pl.pallas_call(lambda x_ref, o_ref: o_ref.__setitem__(..., x_ref[...]),
-                          out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(2, 4),
-                          in_specs=[pl.BlockSpec((8, 64), lambda i, j: (i, j))],
-                          out_specs=pl.BlockSpec((8, 64), lambda i, j: (i, j)),
-                          interpret=TPU)(x)
-  with pytest.raises(AssertionError, match="multiple of 128"):
-    tpu_rules.assert_mosaic_blocks(copy, jax.ShapeDtypeStruct((16, 256), jnp.float32))
+
+@pytest.mark.parametrize("shape, block, semantics, dtype, error", [
+    ((16, 256), (8, 64), None, jnp.float32, "multiple of 128"),
+    ((12, 256), (4, 128), None, jnp.float32, "multiple of 8"),
+    ((1000,), (200,), None, jnp.float32, "rank-1 block 200"),
+    ((1000,), (128,), None, BF16, "power of two >= 256"),   # bf16 packs 2 per 32-bit lane
+    ((16, 256), (8, 128), ("parallel",), jnp.float32, "1 dimension semantics for a grid of "
+                                                        "rank 2"),
+])
+def test_rules_catch_a_bad_block(shape, block, semantics, dtype, error):
+  """The checker itself: each case breaks one of Mosaic's rules."""
+  with pytest.raises(AssertionError, match=error):
+    tpu_rules.assert_mosaic_blocks(*_copy(shape, block, semantics, dtype))
+
+
+@pytest.mark.parametrize("shape, block", [
+    ((12, 200), (12, 200)), ((16, 256), (8, 128)), ((1000,), (1000,)), ((4096,), (2048,)),
+    ((1000,), (256,))])
+def test_rules_pass_legal_blocks(shape, block):
+  assert tpu_rules.assert_mosaic_blocks(*_copy(shape, block, ("parallel",) * len(shape))) > 0
