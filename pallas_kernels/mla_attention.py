@@ -260,19 +260,21 @@ def _dkv_update(c, x: _Blocks, carry):
 
 
 def _kv_end(c, i, bq, bk):
-  """Key blocks [0, end) hold every key visible to query block i; causality hides the rest."""
-  n = pl.cdiv(c.s, bk)
-  if not c.causal:
-    return n
-  last = (i + 1) * bq + (c.s - c.t)  # keys before `last` are visible to the block's last row
-  return jnp.minimum(lax.div(jnp.maximum(last, 0) + bk - 1, bk), n)
+  """Key blocks [0, end) hold every key visible to query block i: causality hides the rest, and
+  a block of padding queries (t_pad rounds to the larger of two block sizes) sees none."""
+  end = pl.cdiv(c.s, bk)
+  if c.causal:
+    last = (i + 1) * bq + (c.s - c.t)  # keys before `last` are visible to the block's last row
+    end = jnp.minimum(lax.div(jnp.maximum(last, 0) + bk - 1, bk), end)
+  return jnp.where(i < _q_end(c, bq), end, 0)
 
 
 def _q_begin(c, j, bq, bk):
-  """First query block that sees a key of key block j."""
-  if not c.causal:
-    return 0
-  return lax.div(jnp.maximum(j * bk - (c.s - c.t), 0), bq)
+  """First query block that sees a key of key block j; _q_end for a block of padding keys."""
+  begin = 0
+  if c.causal:
+    begin = lax.div(jnp.maximum(j * bk - (c.s - c.t), 0), bq)
+  return jnp.where(j < pl.cdiv(c.s, bk), begin, _q_end(c, bq))
 
 
 def _q_end(c, bq):
@@ -334,8 +336,8 @@ def _by_axis2(block, *_):
 
 
 def _kv_block_map(c, bq, bk):
-  """Sequential form: key block of grid step (i, j); steps that causality hides stay on the
-  last visible block (already in VMEM)."""
+  """Sequential form: key block of grid step (i, j); steps that causality or padding hide stay
+  on the last visible block (already in VMEM)."""
   return lambda i, j: jnp.clip(j, 0, jnp.maximum(_kv_end(c, i, bq, bk) - 1, 0))
 
 

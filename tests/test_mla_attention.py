@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.mla_attention import BlockSizes, mla_attention
+from pallas_kernels.mla_attention import (BlockSizes, _Config, _kv_end, _q_begin, _q_end,
+                                          mla_attention)
 
 FORMS = {
     "portable": None,   # the CPU default: 16-blocks, each program loops over the streamed blocks
@@ -56,9 +57,9 @@ def _out_and_grads(q, k, v, do, segment_ids, *, causal, sm_scale, blocks):
 
 
 def _assert_matches(q, k, v, do, *, segment_ids=None, causal=True, sm_scale=None, tol=1e-5,
-                    form="portable"):
+                    blocks=None):
   got, want = _out_and_grads(q, k, v, do, segment_ids, causal=causal, sm_scale=sm_scale,
-                             blocks=FORMS[form])
+                             blocks=blocks)
   for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
     assert x.shape == y.shape and x.dtype == y.dtype, name
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
@@ -77,7 +78,7 @@ def _assert_matches(q, k, v, do, *, segment_ids=None, causal=True, sm_scale=None
 def test_matches_reference(b, t, s, h, d_qk, d_v, causal, sm_scale, form):
   q, k, v, do = _inputs(0, b, t, s, h, d_qk, d_v)
   with jax.default_matmul_precision("highest"):
-    _assert_matches(q, k, v, do, causal=causal, sm_scale=sm_scale, form=form)
+    _assert_matches(q, k, v, do, causal=causal, sm_scale=sm_scale, blocks=FORMS[form])
 
 
 def _random_case(seed):
@@ -100,7 +101,7 @@ def test_random_shapes(seed, form):
                         dims["d_v"], dtype)
   seg = _segments(seed, dims["b"], dims["t"], segments) if segments > 1 else None
   with jax.default_matmul_precision("highest"):
-    _assert_matches(q, k, v, do, segment_ids=seg, causal=causal, form=form,
+    _assert_matches(q, k, v, do, segment_ids=seg, causal=causal, blocks=FORMS[form],
                     tol=2e-2 if dtype == jnp.bfloat16 else 1e-5)
 
 
@@ -108,14 +109,35 @@ def test_random_shapes(seed, form):
 def test_packed_segments(form):  # also causal self-attention with T = S not a block multiple
   q, k, v, do = _inputs(1, 2, 70, 70, 2, 24, 16)
   with jax.default_matmul_precision("highest"):
-    _assert_matches(q, k, v, do, segment_ids=_segments(0, 2, 70, 4), causal=True, form=form)
+    _assert_matches(q, k, v, do, segment_ids=_segments(0, 2, 70, 4), causal=True,
+                    blocks=FORMS[form])
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_bfloat16_packed_non_causal(form):
   q, k, v, do = _inputs(2, 2, 45, 45, 2, 48, 32, jnp.bfloat16)
   _assert_matches(q, k, v, do, segment_ids=_segments(1, 2, 45, 3), causal=False, tol=2e-2,
-                  form=form)
+                  blocks=FORMS[form])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_blocks_do_no_work(causal):
+  """T = S = 40 pad to 64 for the 64-blocks; the 16-blocks past the real length are skipped:
+  no key block for a padding query block, no query block for a padding key block."""
+  c = _Config(t=40, s=40, causal=causal, sm_scale=1.0, blocks=None, interpret=True)
+  assert _q_end(c, 16) == 3
+  assert [int(_kv_end(c, i, 16, 16)) for i in range(4)] == ([1, 2, 3, 0] if causal else
+                                                             [3, 3, 3, 0])
+  assert [int(_q_begin(c, j, 16, 16)) for j in range(4)] == ([0, 1, 2, 3] if causal else
+                                                             [0, 0, 0, 3])
+  # Both grid forms stay exact with those padding blocks (the sequential form's clamped block
+  # maps included).
+  q, k, v, do = _inputs(6, 1, 40, 40, 2, 24, 16)
+  for sequential in (False, True):
+    blocks = BlockSizes(block_q=16, block_k=64, block_q_bwd=64, block_k_bwd=16,
+                        sequential_grid=sequential)
+    with jax.default_matmul_precision("highest"):
+      _assert_matches(q, k, v, do, causal=causal, blocks=blocks)
 
 
 def test_jit():
