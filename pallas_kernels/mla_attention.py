@@ -7,9 +7,11 @@ zeros. q [B,T,H,Dqk], k [B,S,H,Dqk], v [B,S,H,Dv] -> [B,T,H,Dv].
 
 Forward: FlashAttention-2 (Dao, 2023) Algorithm 1. A program owns one block of queries and
 streams key/value blocks through an online softmax in float32, skipping the key blocks that
-causality hides, and saves the logsumexp. Backward: Algorithm 2 with P recomputed from the
-logsumexp, split into a dq kernel (parallel over query blocks) and a dk/dv kernel (parallel over
-key blocks, starting at the first query block that sees them) so that neither needs atomics.
+causality hides, and saves the logsumexp. Blocks that hold only padding (lengths round up to the
+larger of the forward and backward block sizes) are skipped too. Backward: Algorithm 2 with P
+recomputed from the logsumexp, split into a dq kernel (parallel over query blocks) and a dk/dv
+kernel (parallel over key blocks, starting at the first query block that sees them) so that
+neither needs atomics.
 
 Two grid forms of each kernel, picked by `BlockSizes.sequential_grid`, share the arithmetic:
 
@@ -17,9 +19,10 @@ Two grid forms of each kernel, picked by `BlockSizes.sequential_grid`, share the
   Q, dO for dk/dv) and loops over their blocks itself.
 - sequential (Mosaic TPU): the streamed blocks are the grid's last axis, run in order, with the
   running sums in float32 VMEM scratch. Only one block of each operand (two, double-buffered) is
-  in VMEM at a time, so VMEM use does not grow with the sequence (the portable form's dk/dv kernel needs 28 MiB of
-  VMEM at 8k tokens, over the 16 MiB default of TPU v4/v5e). Steps whose block causality hides
-  compute nothing and map to a visible block, so the pipeline never fetches a block twice.
+  in VMEM at a time, so VMEM use does not grow with the sequence (the portable form's dk/dv
+  kernel needs 28 MiB of VMEM at 8k tokens, over the 16 MiB default of TPU v4/v5e). Steps whose
+  block causality or padding hides compute nothing and map to a visible block, so the pipeline
+  never fetches a block twice.
 
 Layout, done once in the wrapper: heads go next to batch ([B,H,L,D]); lengths are zero padded to
 block multiples (no block is read out of bounds; the padded keys are masked by position); Dqk is

@@ -1,4 +1,4 @@
-"""Kernel correctness (compiled, not interpreted) and throughput against XLA, cuDNN and the roofline.
+"""Kernel correctness (compiled, not interpreted) and throughput against XLA, cuDNN, roofline.
 
   python experiments/benchmarks/kernel_bench.py            # on a GPU: full shapes
   python experiments/benchmarks/kernel_bench.py --smoke    # CPU interpret mode, tiny shapes
@@ -281,7 +281,8 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
                    args, iters, f"{name} {what}")
              for name, fn, args in (("gmm", pk.gmm, (lhs, rhs, sizes)),
                                     ("tgmm", tgmm, (lhs, grad, sizes)))]
-    rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r is not None else "failed" for r in rates])
+    rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r is not None else "failed"
+                          for r in rates])
   table(f"Sweep: gmm / tgmm blocks, M={m} K={kd} N={n} G={g}, bf16 (first row: the default; "
         "% of a dense matmul)", ["blocks", "gmm TFLOP/s", "tgmm TFLOP/s"], rows)
 
