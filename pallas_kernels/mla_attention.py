@@ -51,10 +51,11 @@ class BlockSizes:
   """Tile sizes of the three kernels, the grid form and Triton's launch parameters.
 
   block_q/block_k tile the forward and the dq kernel; block_q_bwd/block_k_bwd the dk/dv kernel.
-  All are powers of two (Triton) and, on TPU, multiples of 128. On GPU the tiles of q, k and v
-  must fit shared memory (about 227 KiB on H100/H200): 64x128 bf16 key tiles of a 192-wide head
-  with 3 stages do not. `sequential_grid`: the streamed blocks form an in-order grid axis
-  (Mosaic TPU) instead of a loop inside each program.
+  All are powers of two (Triton) and, on TPU, multiples of 128 (`fit` shrinks them for a short
+  sequence, where the block is then the whole padded length, which Mosaic also accepts). On GPU
+  the tiles of q, k and v must fit shared memory (about 227 KiB on H100/H200): 64x128 bf16 key
+  tiles of a 192-wide head with 3 stages do not. `sequential_grid`: the streamed blocks form an
+  in-order grid axis (Mosaic TPU) instead of a loop inside each program.
   """
   block_q: int
   block_k: int
@@ -124,6 +125,8 @@ def _attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, blocks):
   if k.shape != (b, s, h, d_qk) or v.shape != (b, s, h, d_v):
     raise ValueError(f"expected k [B,S,H,Dqk] and v [B,S,H,Dv] for q {q.shape}; "
                      f"got {k.shape} and {v.shape}")
+  if t == 0 or s == 0:
+    raise ValueError(f"mla_attention needs at least one query and one key; got T={t}, S={s}")
   if segment_ids is not None and t != s:
     raise ValueError(f"segment_ids need T == S (self-attention); got T={t}, S={s}")
   blocks = blocks.fit(t, s)

@@ -7,7 +7,7 @@ W^UK absorbed into the query and W^UV applied after the kernel):
   out[h]      = softmax(score[h]) @ c
 
 The latent c (Dc = 512) and the shared rope key (Dr = 64) stay separate operands so that
-every block is a power of two. All heads of a row form the M dimension of both dots
+every tile loaded into a dot is a power of two (a split holds several block_s tiles). All heads of a row form the M dimension of both dots
 (scores [H, block_s]). Flash-decoding (Dao et al., 2023): when B * head blocks leaves the
 machine idle, the cache is also split into `num_splits` chunks; each program runs the online
 softmax over its chunk and writes the unnormalised partial (acc, max m, sum-exp l), and a jnp
@@ -48,8 +48,9 @@ class MlaDecodeBlockSizes:
   """Tiling of `mla_decode`.
 
   block_s: cache entries per inner step; a power of two (>= 16 on GPU, a multiple of 8 on TPU).
-  block_h: most heads per program (None: all heads of a row in one program).
-  min_heads: heads are zero-padded to a power of two >= this (Triton dots need M >= 16).
+  block_h: most heads per program, a power of two (None: all heads of a row in one program).
+  min_heads: heads are zero-padded to a power of two >= this, itself a power of two (Triton dots
+    need M >= 16).
   min_programs: flash-decoding target for B * head blocks * num_splits; 1 never splits.
   max_split: most cache entries per program; None: no bound.
   num_warps, num_stages: Triton compiler parameters (GPU only).
@@ -63,6 +64,13 @@ class MlaDecodeBlockSizes:
   num_warps: int = 4
   num_stages: int = 2
   sequential_grid: bool = False
+
+  def __post_init__(self):
+    # The padded head count is a power of two: block_h must divide it, or heads go uncomputed.
+    sizes = {"block_s": self.block_s, "block_h": self.block_h, "min_heads": self.min_heads}
+    bad = {k: v for k, v in sizes.items() if v is not None and (v < 1 or v & (v - 1))}
+    if bad:
+      raise ValueError(f"mla_decode block sizes must be powers of two, got {bad}")
 
   @classmethod
   def get_default(cls, backend: str | None = None) -> "MlaDecodeBlockSizes":
@@ -198,6 +206,9 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   """
   b, h, dc = q_latent.shape
   s, dr = kv_latent.shape[1], k_rope.shape[2]
+  if s == 0:
+    raise ValueError(f"mla_decode needs a cache of at least one entry; kv_latent is "
+                     f"{kv_latent.shape}")
   interpret = platform.resolve_interpret(interpret)
   backend = platform.target(interpret)
   bs = block_sizes or MlaDecodeBlockSizes.get_default(backend)

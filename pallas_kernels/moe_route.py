@@ -10,8 +10,10 @@ One kernel per block of tokens [block_n, E], the whole routing of DeepSeek-V3 §
 restricted to the best `topk_group` of `n_group` expert groups (group score: the sum of the
 top-2 biased scores for sigmoid, as in transformers' DeepseekV3; the max for softmax, V2's
 group-limited greedy). Top-k is k rounds of (max, lowest index attaining it, take it out),
-so ties break towards the lower index exactly as jax.lax.top_k does; every comparison runs
-on the same float32 values as the reference, so the chosen experts are identical.
+so ties break towards the lower index exactly as jax.lax.top_k does. In interpret mode every
+comparison runs on the same float32 values as the reference, so the chosen experts are
+identical; compiled, the kernel's exp/sigmoid may differ from XLA's by an ulp, which can flip
+a near-tie (the GPU check found the experts identical at 4096 x 256 with tied logits).
 
 Differentiable in the logits (custom VJP): for the chosen experts, the weights are a smooth
 function of the scores, so the backward pass differentiates that function in plain jnp.

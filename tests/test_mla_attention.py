@@ -148,6 +148,13 @@ def test_jit():
     np.testing.assert_allclose(got, reference.mla_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t, s", [(0, 8), (8, 0)])
+def test_empty_lengths_are_refused(t, s):
+  q, k, v, _ = _inputs(5, 1, t, s, 1, 16, 16)
+  with pytest.raises(ValueError, match=f"T={t}, S={s}"):
+    mla_attention(q, k, v, causal=False)
+
+
 def test_segment_ids_need_self_attention():
   q, k, v, _ = _inputs(5, 1, 8, 12, 1, 16, 16)
   with pytest.raises(ValueError, match="T == S"):

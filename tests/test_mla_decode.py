@@ -74,3 +74,17 @@ def test_split_choice():
   assert _split_sizes(4, S, 4, HEAD_BLOCKS) == (32, 2)           # head blocks count too
   bounded = MlaDecodeBlockSizes(block_s=8, max_split=16)
   assert _split_sizes(1, S, 1, bounded) == (16, 3)
+
+
+@pytest.mark.parametrize("field", ["block_s", "block_h", "min_heads"])
+def test_block_sizes_must_be_powers_of_two(field):
+  # block_h=3 of 8 padded heads used to leave heads 6 and 7 unwritten (NaN, or garbage).
+  with pytest.raises(ValueError, match=f"powers of two.*{field}"):
+    MlaDecodeBlockSizes(**{field: 6})
+
+
+def test_empty_cache_is_refused():
+  q = jnp.zeros((2, 4, DC))
+  with pytest.raises(ValueError, match="at least one entry"):
+    mla_decode(q, q[..., :DR], jnp.zeros((2, 0, DC)), jnp.zeros((2, 0, DR)),
+               jnp.zeros((2,), jnp.int32), sm_scale=1.0)
