@@ -67,9 +67,8 @@ class BlockSizes:
 
   def __post_init__(self):
     # The padded lengths are multiples of the larger block; the smaller must divide them.
-    blocks = (self.block_q, self.block_k, self.block_q_bwd, self.block_k_bwd)
-    if any(b < 1 or b & (b - 1) for b in blocks):
-      raise ValueError(f"attention block sizes must be powers of two, got {blocks}")
+    platform.require_powers_of_two("mla_attention", block_q=self.block_q, block_k=self.block_k,
+                                   block_q_bwd=self.block_q_bwd, block_k_bwd=self.block_k_bwd)
 
   @classmethod
   def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
@@ -268,7 +267,7 @@ def _dkv_update(c, x: _Blocks, carry):
 def _kv_end(c, i, bq, bk):
   """Key blocks [0, end) hold every key visible to query block i: causality hides the rest, and
   a block of padding queries (t_pad rounds to the larger of two block sizes) sees none."""
-  end = pl.cdiv(c.s, bk)
+  end = _k_end(c, bk)
   if c.causal:
     last = (i + 1) * bq + (c.s - c.t)  # keys before `last` are visible to the block's last row
     end = jnp.minimum(lax.div(jnp.maximum(last, 0) + bk - 1, bk), end)
@@ -280,12 +279,17 @@ def _q_begin(c, j, bq, bk):
   begin = 0
   if c.causal:
     begin = lax.div(jnp.maximum(j * bk - (c.s - c.t), 0), bq)
-  return jnp.where(j < pl.cdiv(c.s, bk), begin, _q_end(c, bq))
+  return jnp.where(j < _k_end(c, bk), begin, _q_end(c, bq))
 
 
 def _q_end(c, bq):
   """Query blocks [.., end) hold real queries; the rest is padding."""
   return pl.cdiv(c.t, bq)
+
+
+def _k_end(c, bk):
+  """Key blocks [.., end) hold real keys; the rest is padding."""
+  return pl.cdiv(c.s, bk)
 
 
 # -- BlockSpecs and the call. ------------------------------------------------------------------

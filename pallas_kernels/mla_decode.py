@@ -6,12 +6,12 @@ W^UK absorbed into the query and W^UV applied after the kernel):
   score[h, s] = (q_latent[h] . c[s] + q_rope[h] . k_rope[s]) * sm_scale,   s < lengths[b]
   out[h]      = softmax(score[h]) @ c
 
-The latent c (Dc = 512) and the shared rope key (Dr = 64) stay separate operands so that
-every tile loaded into a dot is a power of two (a split holds several block_s tiles). All heads of a row form the M dimension of both dots
-(scores [H, block_s]). Flash-decoding (Dao et al., 2023): when B * head blocks leaves the
-machine idle, the cache is also split into `num_splits` chunks; each program runs the online
-softmax over its chunk and writes the unnormalised partial (acc, max m, sum-exp l), and a jnp
-step rescales and combines the partials:
+The latent c (Dc = 512) and the shared rope key (Dr = 64) stay separate operands so that every
+tile loaded into a dot is a power of two (a split holds several block_s tiles). All heads of a
+row form the M dimension of both dots (scores [H, block_s]). Flash-decoding (Dao et al., 2023):
+when B * head blocks leaves the machine idle, the cache is also split into `num_splits` chunks;
+each program runs the online softmax over its chunk and writes the unnormalised partial (acc,
+max m, sum-exp l), and a jnp step rescales and combines the partials:
 
   m = max_j m_j,   out = sum_j exp(m_j - m) acc_j / sum_j exp(m_j - m) l_j.
 
@@ -67,10 +67,8 @@ class MlaDecodeBlockSizes:
 
   def __post_init__(self):
     # The padded head count is a power of two: block_h must divide it, or heads go uncomputed.
-    sizes = {"block_s": self.block_s, "block_h": self.block_h, "min_heads": self.min_heads}
-    bad = {k: v for k, v in sizes.items() if v is not None and (v < 1 or v & (v - 1))}
-    if bad:
-      raise ValueError(f"mla_decode block sizes must be powers of two, got {bad}")
+    platform.require_powers_of_two("mla_decode", block_s=self.block_s, block_h=self.block_h,
+                                   min_heads=self.min_heads)
 
   @classmethod
   def get_default(cls, backend: str | None = None) -> "MlaDecodeBlockSizes":

@@ -41,6 +41,13 @@ def target(interpret: Interpret) -> str:
   return "interpret" if interpret else backend()
 
 
+def require_powers_of_two(kernel: str, **sizes: int | None) -> None:
+  """Raises a ValueError naming the block sizes (None: unset) that are not powers of two."""
+  bad = {k: v for k, v in sizes.items() if v is not None and (v < 1 or v & (v - 1))}
+  if bad:
+    raise ValueError(f"{kernel} block sizes must be powers of two, got {bad}")
+
+
 def compiler_params(interpret: Interpret, semantics: Sequence[str], *,
                     num_warps: int | None = None, num_stages: int | None = None):
   """A pallas_call's compiler parameters for the form `target(interpret)` gives.

@@ -155,6 +155,13 @@ def test_empty_lengths_are_refused(t, s):
     mla_attention(q, k, v, causal=False)
 
 
+def test_block_sizes_must_be_powers_of_two():
+  # A padded length is a multiple of the larger block; a non-power-of-two smaller block would
+  # not divide it and drop rows.
+  with pytest.raises(ValueError, match="powers of two.*block_k"):
+    BlockSizes(block_q=16, block_k=48, block_q_bwd=16, block_k_bwd=16)
+
+
 def test_segment_ids_need_self_attention():
   q, k, v, _ = _inputs(5, 1, 8, 12, 1, 16, 16)
   with pytest.raises(ValueError, match="T == S"):
