@@ -72,9 +72,9 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
-    if backend == "gpu":  # H200, Dqk/Dv 192/128; float32 tiles are smaller to fit shared memory
-      if jnp.dtype(dtype).itemsize >= 4:
-        return cls(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64, num_stages=2)
+    if backend == "gpu":  # H200, Dqk/Dv 192/128 (bf16 timed; sm_90 resources: BUILD.md)
+      if jnp.dtype(dtype).itemsize >= 4:   # float32: 32-row tiles, the largest that do not spill
+        return cls(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32, num_stages=2)
       return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32, num_stages=3)
     if backend == "tpu":  # not tuned on a TPU yet
       return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128,

@@ -71,9 +71,12 @@ class MlaDecodeBlockSizes:
                                    min_heads=self.min_heads)
 
   @classmethod
-  def get_default(cls, backend: str | None = None) -> "MlaDecodeBlockSizes":
+  def get_default(cls, backend: str | None = None,
+                  dtype=jnp.bfloat16) -> "MlaDecodeBlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
+      if jnp.dtype(dtype).itemsize >= 4:   # float32 cache tiles: 16 x 16 heads does not spill
+        return cls(block_s=16, block_h=16, min_heads=16, min_programs=264, num_stages=3)
       return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=8)
     if backend == "tpu":   # kv block [512, 512] bf16, double-buffered in VMEM; not tuned
       return cls(block_s=512, min_heads=8, sequential_grid=True)
@@ -209,7 +212,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
                      f"{kv_latent.shape}")
   interpret = platform.resolve_interpret(interpret)
   backend = platform.target(interpret)
-  bs = block_sizes or MlaDecodeBlockSizes.get_default(backend)
+  bs = block_sizes or MlaDecodeBlockSizes.get_default(backend, q_latent.dtype)
 
   h_pad = max(pl.next_power_of_2(h), bs.min_heads)
   block_h = min(h_pad, bs.block_h or h_pad)

@@ -5,7 +5,8 @@
 memory spaces) in Pallas's TPU interpreter on CPU: the tests' stand-in for a TPU.
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import jax
 from jax.experimental.pallas import tpu as pltpu
@@ -17,10 +18,33 @@ except ImportError:  # a JAX without it still runs the TPU forms and interpret m
 
 Interpret = bool | pltpu.InterpretParams | None
 
+_lowering_for: str | None = None
+
 
 def backend() -> str:
-  """The default JAX backend: 'cpu', 'gpu' or 'tpu'."""
-  return jax.default_backend()
+  """The backend the kernels take their form for: 'cpu', 'gpu' or 'tpu'. The default JAX
+  backend, unless inside `lowering_for`."""
+  return _lowering_for or jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for(name: str) -> Iterator[None]:
+  """Kernels traced inside take their compiled form for `name` ('gpu' or 'tpu') whatever this
+  machine has, so that a program can be lowered here for another platform:
+
+    with platform.lowering_for("gpu"):
+      jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+
+  Only traces made inside see it: a function that jax.jit traced before keeps its cached form.
+  """
+  global _lowering_for
+  if name not in ("gpu", "tpu"):
+    raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {name!r}")
+  previous, _lowering_for = _lowering_for, name
+  try:
+    yield
+  finally:
+    _lowering_for = previous
 
 
 def resolve_interpret(interpret: Interpret) -> bool | pltpu.InterpretParams:

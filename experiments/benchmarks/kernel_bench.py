@@ -306,11 +306,12 @@ def sweep_configs(backend: str):
        r(attention, block_q=128, block_q_bwd=128, num_warps=8, num_stages=2),
        r(attention, block_k=32, block_q_bwd=32, block_k_bwd=64)],
       [decode,
-       r(decode, block_s=32), r(decode, block_s=128, num_warps=4),
+       r(decode, block_s=32), r(decode, block_h=32, block_s=32),
        r(decode, block_h=32, num_warps=4), r(decode, block_h=16, num_warps=4),
-       r(decode, min_programs=132), r(decode, min_programs=528), r(decode, num_stages=3)],
+       r(decode, min_programs=132), r(decode, min_programs=528), r(decode, block_h=32)],
       [gmm,
-       r(gmm, block_k=128), r(gmm, block_n=256), r(gmm, block_m=64, num_warps=4, num_stages=4),
+       r(gmm, block_k=128), r(gmm, block_k=128, num_stages=2),
+       r(gmm, block_m=64, num_warps=4, num_stages=4),
        r(gmm, block_k=32, num_warps=4, num_stages=4), r(gmm, block_m=256, block_k=32)])
 
 
