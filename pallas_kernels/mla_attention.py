@@ -72,7 +72,7 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
-    if backend == "gpu":  # H200, Dqk/Dv 192/128 (bf16 timed; sm_90 resources: BUILD.md)
+    if backend == "gpu":  # H200, Dqk/Dv 192/128 (bf16 timed; f32 per triton_resources.py)
       if jnp.dtype(dtype).itemsize >= 4:   # float32: 32-row tiles, the largest that do not spill
         return cls(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32, num_stages=2)
       return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32, num_stages=3)
