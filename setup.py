@@ -29,8 +29,9 @@ setup(
     ],
     extras_require={
         # torch: install the CPU build first (pip install torch==2.13.0), see BUILD.md.
+        # triton: its compiler and ptxas report the kernels' GPU registers and shared memory.
         "test": ["pytest", "pytest-timeout", "torch", "transformers>=5.0", "nbclient", "nbformat",
-                 "ipykernel"],
+                 "ipykernel", "triton==3.9.0; sys_platform == 'linux'"],
         "notebook": ["jupyter", "nbclient", "nbformat", "ipykernel"],
     },
 )

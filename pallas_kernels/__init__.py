@@ -1,7 +1,8 @@
 """Pallas kernels for DeepSeek-style models, each beside a pure-jnp reference of the same signature.
 
 `interpret=None` means: interpret mode on CPU, compiled on GPU and TPU. `pallas_kernels.reference`
-holds the references; `sort_by_expert` the dropless dispatch metadata.
+holds the references; `sort_by_expert` the dropless dispatch metadata. The kernels' float32 dots
+follow `jax.default_matmul_precision`, as XLA's do: TF32 on a GPU unless it is "highest".
 """
 
 from pallas_kernels import reference

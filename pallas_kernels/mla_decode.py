@@ -75,8 +75,8 @@ class MlaDecodeBlockSizes:
                   dtype=jnp.bfloat16) -> "MlaDecodeBlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
-      if jnp.dtype(dtype).itemsize >= 4:   # float32 cache tiles: 16 x 16 heads does not spill
-        return cls(block_s=16, block_h=16, min_heads=16, min_programs=264, num_stages=3)
+      if jnp.dtype(dtype).itemsize >= 4:   # float32: 16 x 16 heads on 8 warps spill nothing
+        return cls(block_s=16, block_h=16, min_heads=16, min_programs=264, num_warps=8)
       return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=8)
     if backend == "tpu":   # kv block [512, 512] bf16, double-buffered in VMEM; not tuned
       return cls(block_s=512, min_heads=8, sequential_grid=True)
@@ -94,14 +94,13 @@ def _load_rows(ref, rows, valid, masked_load):
   return jnp.where(valid, ref[rows, :], 0)
 
 
-def _online_step(ql, qr, kv, kr, start, length, carry, *, sm_scale, precision):
+def _online_step(ql, qr, kv, kr, start, length, carry, *, sm_scale):
   """Folds cache entries [start, start + block_s) (invalid rows already zeroed) into the
   running softmax (m, l, acc) of every head."""
   m_prev, l_prev, acc_prev = carry
   nt = (((1,), (1,)), ((), ()))                       # contract the last dims: a @ b^T
-  scores = (lax.dot_general(ql, kv, nt, precision=precision, preferred_element_type=jnp.float32)
-            + lax.dot_general(qr, kr, nt, precision=precision,
-                              preferred_element_type=jnp.float32)) * sm_scale
+  scores = (lax.dot_general(ql, kv, nt, preferred_element_type=jnp.float32)
+            + lax.dot_general(qr, kr, nt, preferred_element_type=jnp.float32)) * sm_scale
   cols = start + lax.broadcasted_iota(jnp.int32, (1, kv.shape[0]), 1)
   scores = jnp.where(cols < length, scores, _NEG_INF)
   # Online softmax (flash attention): rescale the running sums to the new row max.
@@ -109,8 +108,7 @@ def _online_step(ql, qr, kv, kr, start, length, carry, *, sm_scale, precision):
   alpha = jnp.exp(m_prev - m_new)                    # 0 on the first visited block
   p = jnp.exp(scores - m_new)
   l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-  acc_new = alpha * acc_prev + jnp.dot(p.astype(kv.dtype), kv, precision=precision,
-                                       preferred_element_type=jnp.float32)
+  acc_new = alpha * acc_prev + jnp.dot(p.astype(kv.dtype), kv, preferred_element_type=jnp.float32)
   return m_new, l_new, acc_new
 
 
@@ -120,7 +118,7 @@ def _init_state(block_h, dc):
 
 
 def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, l_ref, *,
-                   sm_scale, block_s, cache_size, precision, masked_load):
+                   sm_scale, block_s, cache_size, masked_load):
   b, split = pl.program_id(0), pl.program_id(2)
   split_size = kv_ref.shape[0]
   split_start = split * split_size
@@ -135,7 +133,7 @@ def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, 
     kv = _load_rows(kv_ref, rows, valid, masked_load)  # [block_s, Dc]
     kr = _load_rows(kr_ref, rows, valid, masked_load)  # [block_s, Dr]
     return _online_step(ql, qr, kv, kr, split_start + start, length, carry,
-                        sm_scale=sm_scale, precision=precision)
+                        sm_scale=sm_scale)
 
   # Only blocks that start before `length` hold valid entries; every visited block has at
   # least one, so m stays finite after the first step.
@@ -147,7 +145,7 @@ def _decode_kernel(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref, 
 
 
 def _decode_kernel_sequential(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_ref, m_ref,
-                              l_ref, *state_refs, sm_scale, block_s, cache_size, precision):
+                              l_ref, *state_refs, sm_scale, block_s, cache_size):
   b, j = pl.program_id(0), pl.program_id(2)
   length = jnp.minimum(lengths_ref[b], cache_size)
   start = j * block_s
@@ -164,7 +162,7 @@ def _decode_kernel_sequential(lengths_ref, ql_ref, qr_ref, kv_ref, kr_ref, acc_r
     kr = _load_rows(kr_ref, slice(None), valid, masked_load=False)
     carry = tuple(r[...] for r in state_refs)
     new = _online_step(ql_ref[...], qr_ref[...], kv, kr, start, length, carry,
-                       sm_scale=sm_scale, precision=precision)
+                       sm_scale=sm_scale)
     for ref, value in zip(state_refs, new):
       ref[...] = value
 
@@ -220,11 +218,10 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   if h_pad != h:
     q_latent = jnp.pad(q_latent, ((0, 0), (0, h_pad - h), (0, 0)))
     q_rope = jnp.pad(q_rope, ((0, 0), (0, h_pad - h), (0, 0)))
-  precision = lax.Precision.HIGHEST if q_latent.dtype == jnp.float32 else None
   operands = (lengths.astype(jnp.int32), q_latent, q_rope, kv_latent, k_rope)
   call = _call_sequential if bs.sequential_grid else _call_portable
   acc, m, l = call(operands, bs, backend, interpret, block_h, num_head_blocks,
-                   sm_scale=sm_scale, block_s=bs.block_s, cache_size=s, precision=precision)
+                   sm_scale=sm_scale, block_s=bs.block_s, cache_size=s)
   return _combine(acc, m, l)[:, :h].astype(q_latent.dtype)
 
 

@@ -35,16 +35,20 @@ def lowering_for(name: str) -> Iterator[None]:
     with platform.lowering_for("gpu"):
       jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
-  Only traces made inside see it: a function that jax.jit traced before keeps its cached form.
+  The kernels' jitted pieces would otherwise reuse traces cached for the other form (their
+  cache keys hold block sizes and flags, not the form), so JAX's caches are cleared on the way
+  in and out: a tool's context, not one for a training loop.
   """
   global _lowering_for
   if name not in ("gpu", "tpu"):
     raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {name!r}")
   previous, _lowering_for = _lowering_for, name
+  jax.clear_caches()
   try:
     yield
   finally:
     _lowering_for = previous
+    jax.clear_caches()
 
 
 def resolve_interpret(interpret: Interpret) -> bool | pltpu.InterpretParams:

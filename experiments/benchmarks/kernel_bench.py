@@ -287,12 +287,12 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
         "% of a dense matmul)", ["blocks", "gmm TFLOP/s", "tgmm TFLOP/s"], rows)
 
 
-def sweep_configs(backend: str):
+def sweep_configs(backend: str, dtype=jnp.bfloat16):
   """(attention, decode, gmm) block sizes to sweep on 'gpu' (or tiny ones for 'interpret');
-  the platform default first."""
-  attention = AttentionBlockSizes.for_backend(backend)
-  decode = MlaDecodeBlockSizes.get_default(backend)
-  gmm = GmmBlockSizes.for_platform(backend)
+  the platform default for `dtype` first, then the alternatives (tuned around bfloat16)."""
+  attention = AttentionBlockSizes.for_backend(backend, dtype)
+  decode = MlaDecodeBlockSizes.get_default(backend, dtype)
+  gmm = GmmBlockSizes.for_platform(backend, dtype)
   if backend == "interpret":
     return ([attention, dataclasses.replace(attention, block_k=32, block_q_bwd=32)],
             [decode, dataclasses.replace(decode, block_s=32, min_programs=8)],

@@ -3,6 +3,7 @@
   pip install triton==3.9.0                                    # the compiler and its ptxas
   python experiments/benchmarks/triton_resources.py            # the GPU default block sizes
   python experiments/benchmarks/triton_resources.py --sweep    # and every config gpu_check sweeps
+  python experiments/benchmarks/triton_resources.py --precision=highest   # float32 dots in IEEE
 
 Each kernel is traced in its GPU form (`platform.lowering_for("gpu")`) and lowered for CUDA on
 this machine. Every Triton module in the lowered program is compiled for sm_90 (H100/H200) by
@@ -29,9 +30,9 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from pallas_kernels import platform
-from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
-from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
-from pallas_kernels.mla_decode import MlaDecodeBlockSizes
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_bench import sweep_configs  # pylint: disable=wrong-import-position
 
 TRITON_TARGET = "__gpu$xla.gpu.triton"
 SHARED_PER_BLOCK = 227 * 1024     # Hopper: the most dynamic shared memory one block may use
@@ -166,13 +167,6 @@ def kernel_cases(attention=None, decode=None, gmm=None, dtype=jnp.bfloat16):
   ]
 
 
-def gpu_defaults(dtype) -> dict:
-  """Each kernel's default GPU block sizes for `dtype`, as kernel_cases takes them."""
-  return {"attention": AttentionBlockSizes.for_backend("gpu", dtype),
-          "decode": MlaDecodeBlockSizes.get_default("gpu", dtype),
-          "gmm": GmmBlockSizes.for_platform("gpu", dtype)}
-
-
 def _config_text(bs) -> str:
   if bs is None:
     return "default"     # moe_route: one program per token block, nothing swept
@@ -191,30 +185,38 @@ def report(cases, arch: int) -> list[list]:
   return rows
 
 
+def resource_cases(sweep: bool) -> list[tuple]:
+  """[(label, block sizes as text, fn, abstract args)]: each kernel at its bfloat16 and float32
+  GPU defaults, then (sweep) every other bfloat16 config that gpu_check.sh times."""
+  cases = []
+  for dtype in (jnp.bfloat16, jnp.float32):
+    defaults = [configs[0] for configs in sweep_configs("gpu", dtype)]
+    for (label, fn, operands), bs in zip(kernel_cases(*defaults, dtype=dtype), [*defaults, None]):
+      if label != "moe_route" or dtype == jnp.float32:     # the router takes float32 logits
+        cases.append((f"{label} {jnp.dtype(dtype).name}", _config_text(bs), fn, operands))
+  if sweep:
+    for index, configs in enumerate(sweep_configs("gpu")):   # attention, decode, gmm
+      for bs in configs[1:]:
+        sizes = [None, None, None]
+        sizes[index] = bs
+        label, fn, operands = kernel_cases(*sizes)[index]
+        cases.append((f"{label} bfloat16", _config_text(bs), fn, operands))
+  return cases
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sweep", action="store_true",
                       help="also every block-size config that gpu_check.sh sweeps")
   parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+  parser.add_argument("--precision", default="default", choices=("default", "high", "highest"),
+                      help="jax.default_matmul_precision while tracing: float32 dots in TF32 "
+                           "(default), 3xTF32 or IEEE float32 (highest)")
   args = parser.parse_args()
-  cases = []
-  for dtype in (jnp.bfloat16, jnp.float32):
-    defaults = gpu_defaults(dtype)
-    for (label, fn, operands), bs in zip(kernel_cases(**defaults, dtype=dtype),
-                                         [*defaults.values(), None]):
-      if label != "moe_route" or dtype == jnp.float32:     # the router takes float32 logits
-        cases.append((f"{label} {jnp.dtype(dtype).name}", _config_text(bs), fn, operands))
-  if args.sweep:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from kernel_bench import sweep_configs  # pylint: disable=import-outside-toplevel
-    for index, configs in enumerate(sweep_configs("gpu")):   # attention, decode, gmm
-      for bs in configs[1:]:                                 # [0] is the default, listed above
-        kernel = ("attention", "decode", "gmm")[index]
-        label, fn, operands = kernel_cases(**{kernel: bs})[index]
-        cases.append((f"{label} bfloat16", _config_text(bs), fn, operands))
-  rows = report(cases, args.arch)
-  print(f"\n### Triton kernels compiled for sm_{args.arch} (jax {jax.__version__}, "
-        f"triton {__import__('triton').__version__})\n")
+  with jax.default_matmul_precision(args.precision):
+    rows = report(resource_cases(args.sweep), args.arch)
+  print(f"\n### Triton kernels compiled for sm_{args.arch}, matmul precision {args.precision} "
+        f"(jax {jax.__version__}, triton {__import__('triton').__version__})\n")
   header = ["kernel", "pallas_call", "block sizes", "warps", "stages", "registers",
             "spill B stored/loaded", "shared KiB", "verdict"]
   print("| " + " | ".join(header) + " |")
