@@ -64,7 +64,7 @@ def test_lowering_for_refuses_other_platforms_and_restores_the_backend():
 
 
 def test_kernels_run_interpreted_on_cpu_after_a_gpu_lowering():
-  """A trace cached for the GPU form is not reused outside lowering_for."""
+  """Outside lowering_for the kernels take their CPU (interpret) form again and compute."""
   q, k, v = (jax.random.normal(jax.random.key(i), (1, 40, 2, d)) for i, d in
              enumerate((24, 24, 16)))
   fn = lambda q, k, v: pk.mla_attention(q, k, v)
