@@ -24,15 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "experiments", "benchmarks"))
 import triton_resources  # pylint: disable=wrong-import-position
 
-TARGETS = {"gpu": ("cuda", "__gpu$xla.gpu.triton"), "tpu": ("tpu", "tpu_custom_call")}
+CUSTOM_CALL = {"gpu": triton_resources.TRITON_TARGET, "tpu": "tpu_custom_call"}
 # Pallas kernels per case: attention fwd, dq, dkv; decode; gmm, gmm against rhs^T, tgmm; router.
 KERNELS_PER_CASE = {"mla_attention": 3, "mla_decode": 1, "gmm": 3, "moe_route": 1}
-
-
-def _lowered_text(fn, args, form):
-  platform_name, _ = TARGETS[form]
-  with platform.lowering_for(form):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform_name,)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -40,10 +34,10 @@ def test_every_kernel_lowers_for_gpu_and_tpu_at_benchmark_shapes(dtype):
   """Both forms, one after the other in one process: the second must not reuse the first's
   cached trace (a GPU compiler-params object in a TPU lowering fails)."""
   for label, fn, args in triton_resources.kernel_cases(dtype=dtype):
-    for form, (_, custom_call) in TARGETS.items():
-      text = _lowered_text(fn, args, form)
+    for form, custom_call in CUSTOM_CALL.items():
+      text = triton_resources.lower(form, fn, *args).as_text()
       assert text.count(custom_call) == KERNELS_PER_CASE[label], (label, form)
-      other = TARGETS["tpu" if form == "gpu" else "gpu"][1]
+      other = CUSTOM_CALL["tpu" if form == "gpu" else "gpu"]
       assert other not in text, (label, form)
 
 
@@ -68,7 +62,7 @@ def test_kernels_run_interpreted_on_cpu_after_a_gpu_lowering():
   q, k, v = (jax.random.normal(jax.random.key(i), (1, 40, 2, d)) for i, d in
              enumerate((24, 24, 16)))
   fn = lambda q, k, v: pk.mla_attention(q, k, v)
-  assert _lowered_text(fn, (q, k, v), "gpu").count(TARGETS["gpu"][1]) == 1
+  assert triton_resources.lower("gpu", fn, q, k, v).as_text().count(CUSTOM_CALL["gpu"]) == 1
   out = fn(q, k, v)
   expected = pk.reference.mla_attention(q, k, v)
   assert float(jnp.max(jnp.abs(out - expected))) < 1e-5
@@ -103,8 +97,9 @@ def _compile_cases(sweep):
 
 
 def test_gpu_defaults_fit_an_h200_and_float32_defaults_do_not_spill():
-  """bfloat16 defaults were timed on an H200 (some spill a little: that is measured, not
-  assumed, to be the faster choice); the float32 ones were chosen here to spill nothing."""
+  """The bfloat16 defaults are the ones timed on an H200 (decode and dk/dv spill a little;
+  whether a config that does not spill is faster, only gpu_check's sweep can tell); the
+  float32 ones were chosen here to spill nothing."""
   results = _compile_cases(sweep=False)
   assert len(results) == 2 * 7 + 1           # 7 kernels per dtype, the float32 router
   for label, name, config, r in results:

@@ -64,8 +64,18 @@ class Resources:
     return ", ".join(problems) or "ok"
 
 
-def triton_calls(fn, *args, platform_name: str = "cuda") -> list[TritonCall]:
-  """The Triton kernels in `fn(*args)` lowered for `platform_name`, traced in the GPU form.
+LOWERING_PLATFORM = {"gpu": "cuda", "tpu": "tpu"}
+
+
+def lower(form: str, fn, *args) -> jax.stages.Lowered:
+  """`fn(*args)` (arrays or ShapeDtypeStructs) lowered for a GPU or TPU on this machine, with
+  the kernels traced in that form ('gpu' or 'tpu')."""
+  with platform.lowering_for(form):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(LOWERING_PLATFORM[form],))
+
+
+def triton_calls(fn, *args) -> list[TritonCall]:
+  """The Triton kernels in `fn(*args)` lowered for CUDA, traced in the GPU form.
 
   Reads the modules from the lowered StableHLO custom calls; parsing them needs the Triton
   dialect that jaxlib registers (a private JAX module).
@@ -74,8 +84,7 @@ def triton_calls(fn, *args, platform_name: str = "cuda") -> list[TritonCall]:
   from jax._src.lib.mlir import ir                # pylint: disable=import-outside-toplevel
   from jax._src.lib.triton import dialect as tt   # pylint: disable=import-outside-toplevel
 
-  with platform.lowering_for("gpu"):
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform_name,))
+  lowered = lower("gpu", fn, *args)
   ops = []
 
   def walk(op):
