@@ -127,12 +127,20 @@ def check_correctness(interpret: bool) -> list[list]:
 # --- throughput ---------------------------------------------------------------------------
 
 
+_DQK, _DV = 192, 128
+
+
 def _attention_operands(b, t, h):
+  """(q, k, v), the output cotangent, and the causal matmul FLOPs of (forward, forward +
+  backward). Forward: s = q k^T (Dqk) and p v (Dv) per visible (query, key) pair. A flash
+  backward recomputes s, then dv = p^T do and dp = do v^T (Dv), dq = ds k and dk = ds^T q
+  (Dqk): 3 Dqk + 2 Dv, 2.6x the forward at 192 / 128 (FlashAttention-2 counts 2.5x at
+  Dqk = Dv)."""
   keys = jax.random.split(jax.random.key(2), 4)
-  q, kk = (jax.random.normal(x, (b, t, h, 192), BF16) for x in keys[:2])
-  v, ct = (jax.random.normal(x, (b, t, h, 128), BF16) for x in keys[2:])
-  flops_fwd = 2 * b * h * (t * (t + 1) / 2) * (192 + 128)     # causal
-  return (q, kk, v), ct, flops_fwd
+  q, kk = (jax.random.normal(x, (b, t, h, _DQK), BF16) for x in keys[:2])
+  v, ct = (jax.random.normal(x, (b, t, h, _DV), BF16) for x in keys[2:])
+  pairs = 2 * b * h * t * (t + 1) / 2
+  return (q, kk, v), ct, (pairs * (_DQK + _DV), pairs * (4 * _DQK + 3 * _DV))
 
 
 def _train_step(attn, ct):
@@ -145,18 +153,17 @@ def _train_step(attn, ct):
 def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
   rows = []
   for b, t, h in shapes:
-    args, ct, flops_fwd = _attention_operands(b, t, h)
-    flops = 3 * flops_fwd                                      # fwd + bwd (dq, dk, dv)
+    args, ct, (_, flops) = _attention_operands(b, t, h)
     candidates = {
         "pallas": _train_step(functools.partial(pk.mla_attention, interpret=interpret), ct),
         "xla": _train_step(ref.mla_attention, ct),
     }
     if jax.default_backend() == "gpu":
       def cudnn(q, k, v):     # cuDNN wants Dv == Dqk through this API: pad v, slice output
-        vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, 64)))
+        vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, _DQK - _DV)))
         out = jax.nn.dot_product_attention(q, k, vp, is_causal=True, implementation="cudnn",
-                                           scale=192**-0.5)
-        return out[..., :128]
+                                           scale=_DQK**-0.5)
+        return out[..., :_DV]
       candidates["cudnn (v padded to 192)"] = _train_step(cudnn, ct)
     results = {}
     for name, fn in candidates.items():
@@ -180,28 +187,49 @@ def _rate(work, fn, args, iters, what):
     return None
 
 
+_LATENT, _ROPE = 512, 64
+
+
 def _decode_operands(b, s, h):
   keys = jax.random.split(jax.random.key(3), 4)
-  lat = jax.random.normal(keys[0], (b, h, 512), BF16)
-  rope = jax.random.normal(keys[1], (b, h, 64), BF16)
-  cache = jax.random.normal(keys[2], (b, s, 512), BF16)
-  krope = jax.random.normal(keys[3], (b, s, 64), BF16)
+  lat = jax.random.normal(keys[0], (b, h, _LATENT), BF16)
+  rope = jax.random.normal(keys[1], (b, h, _ROPE), BF16)
+  cache = jax.random.normal(keys[2], (b, s, _LATENT), BF16)
+  krope = jax.random.normal(keys[3], (b, s, _ROPE), BF16)
   lengths = jnp.full((b,), s, jnp.int32)
   return (lat, rope, cache, krope, lengths), cache.nbytes + krope.nbytes
 
 
-def bench_decode(shapes, bandwidth: float, iters: int, interpret: bool) -> None:
+def decode_roofline(b: int, s: int, h: int, peak: float, bandwidth: float) -> tuple[float, str]:
+  """(attainable cache GB/s, bound) of a full-cache decode: every head scores each entry
+  against latent + rope (2 (Dc + Dr) FLOPs) and sums the latent (2 Dc), while the cache is
+  read once (2 (Dc + Dr) bytes in bf16). Its arithmetic intensity grows with the heads: past
+  the device's ridge (peak / bandwidth) decode is compute-bound and cannot stream the cache
+  at the copy bandwidth."""
+  cache_bytes = b * s * (_LATENT + _ROPE) * 2
+  flops = 2 * b * s * h * (2 * _LATENT + _ROPE)
+  seconds = max(cache_bytes / bandwidth, flops / peak)
+  bound = "compute" if flops / peak > cache_bytes / bandwidth else "memory"
+  return cache_bytes / seconds, f"{bound}-bound at {flops / cache_bytes:.0f} FLOP/B"
+
+
+def bench_decode(shapes, peak: float, bandwidth: float, iters: int, interpret: bool) -> None:
   rows = []
   for b, s, h in shapes:
     args, nbytes = _decode_operands(b, s, h)
+    attainable, bound = decode_roofline(b, s, h, peak, bandwidth)
     for name, fn in (("pallas", functools.partial(pk.mla_decode, interpret=interpret)),
                      ("xla", ref.mla_decode)):
       rate = _rate(nbytes, jax.jit(functools.partial(fn, sm_scale=0.07)), args, iters,
                    f"{name} at B={b} S={s} H={h}")
       if rate is not None:
-        rows.append([f"B={b} S={s} H={h}", name, rate / 1e9, rate / bandwidth])
-  table("MLA absorbed decode (latent 512 + rope 64), bf16",
-        ["shape", "impl", "GB/s", "of copy bandwidth"], rows)
+        rows.append([f"B={b} S={s} H={h}", name, rate / 1e9, rate / bandwidth,
+                     bound, attainable / 1e9, rate / attainable])
+  table(f"MLA absorbed decode (latent {_LATENT} + rope {_ROPE}), bf16; the roofline is "
+        f"min(copy bandwidth, matmul peak / FLOP per cache byte), ridge "
+        f"{peak / bandwidth:.0f} FLOP/B",
+        ["shape", "impl", "GB/s", "of copy bandwidth", "bound", "roofline GB/s",
+         "of roofline"], rows)
 
 
 def _gmm_operands(m, kd, n, g):
@@ -240,41 +268,61 @@ def _fields(bs, names):
   return " ".join(f"{n}={getattr(bs, n)}" for n in names)
 
 
+def fastest(kernel: str, configs, seconds) -> None:
+  """Prints the config with the least seconds (None: it failed) and its speed-up over the
+  first, the default: the line to act on when choosing new defaults."""
+  timed_configs = [(t, i) for i, t in enumerate(seconds) if t is not None]
+  if not timed_configs:
+    print(f"\nFastest {kernel}: none ran")
+    return
+  best_time, best = min(timed_configs)
+  speedup = (f"{seconds[0] / best_time:.2f}x the default" if seconds[0] is not None
+             else "the default failed")
+  print(f"\nFastest {kernel}: {configs[best]!r} ({speedup})")
+
+
 def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) -> None:
   b, t, h = shape
-  args, ct, flops_fwd = _attention_operands(b, t, h)
-  rows = []
+  args, ct, (flops_fwd, flops_step) = _attention_operands(b, t, h)
+  rows, seconds = [], []
   for bs in configs:
     attn = functools.partial(pk.mla_attention, interpret=interpret, block_sizes=bs)
     what = _fields(bs, ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps",
                         "num_stages"))
     fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
-    step = _rate(3 * flops_fwd, _train_step(attn, ct), args, iters, what + " fwd+bwd")
+    step = _rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd")
     rows.append([what] + [x / 1e12 if x is not None else "failed" for x in (fwd, step)]
                 + [step / peak if step is not None else "-"])
+    seconds.append(flops_step / step if step is not None else None)
   table(f"Sweep: MLA attention blocks, B={b} T={t} H={h}, bf16 (first row: the default)",
         ["blocks", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak"], rows)
+  fastest("attention (fwd+bwd)", configs, seconds)
 
 
-def sweep_decode(shape, configs, bandwidth: float, iters: int, interpret: bool) -> None:
+def sweep_decode(shape, configs, peak: float, bandwidth: float, iters: int,
+                 interpret: bool) -> None:
   b, s, h = shape
   args, nbytes = _decode_operands(b, s, h)
-  rows = []
+  attainable, bound = decode_roofline(b, s, h, peak, bandwidth)
+  rows, seconds = [], []
   for bs in configs:
     what = _fields(bs, ("block_s", "block_h", "min_programs", "num_warps", "num_stages"))
     fn = jax.jit(functools.partial(pk.mla_decode, sm_scale=0.07, interpret=interpret,
                                    block_sizes=bs))
     rate = _rate(nbytes, fn, args, iters, what)
-    rows.append([what] + ([rate / 1e9, rate / bandwidth] if rate is not None else ["failed", "-"]))
-  table(f"Sweep: MLA decode blocks, B={b} S={s} H={h}, bf16 (first row: the default)",
-        ["blocks", "GB/s", "of copy bandwidth"], rows)
+    rows.append([what] + ([rate / 1e9, rate / bandwidth, rate / attainable]
+                          if rate is not None else ["failed", "-", "-"]))
+    seconds.append(nbytes / rate if rate is not None else None)
+  table(f"Sweep: MLA decode blocks, B={b} S={s} H={h}, bf16, {bound} (first row: the "
+        "default)", ["blocks", "GB/s", "of copy bandwidth", "of roofline"], rows)
+  fastest("decode", configs, seconds)
 
 
 def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
   m, kd, n, g = shape
   lhs, rhs, grad, sizes, flops = _gmm_operands(m, kd, n, g)
   dense = flops / timed(jax.jit(lambda a, w: a @ w), lhs, rhs[0], iters=iters)
-  rows = []
+  rows, seconds = [], []
   for bs in configs:
     what = _fields(bs, ("block_m", "block_k", "block_n", "num_warps", "num_stages"))
     rates = [_rate(flops, jax.jit(functools.partial(fn, interpret=interpret, block_sizes=bs)),
@@ -283,8 +331,12 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
                                     ("tgmm", tgmm, (lhs, grad, sizes)))]
     rows.append([what] + [f"{r / 1e12:.3g} ({r / dense:.0%})" if r is not None else "failed"
                           for r in rates])
+    # A training step runs gmm twice (forward, and against rhs^T for d lhs) and tgmm once.
+    gmm_rate, tgmm_rate = rates
+    seconds.append(flops * (2 / gmm_rate + 1 / tgmm_rate) if None not in rates else None)
   table(f"Sweep: gmm / tgmm blocks, M={m} K={kd} N={n} G={g}, bf16 (first row: the default; "
         "% of a dense matmul)", ["blocks", "gmm TFLOP/s", "tgmm TFLOP/s"], rows)
+  fastest("gmm (2 gmm + 1 tgmm, a training step's share)", configs, seconds)
 
 
 def sweep_configs(backend: str, dtype=jnp.bfloat16):
@@ -334,7 +386,8 @@ def main() -> int:
   else:
     iters, peak_n, copy_mib = 10, 8192, 2048
     attn_shapes = [(4, 4096, 16), (4, 4096, 128), (1, 16384, 16)]
-    decode_shapes = [(64, 4096, 128), (64, 16384, 128), (64, 32768, 128)]
+    # The issue's 128 heads (compute-bound on an H200) and V2-Lite's 16 (memory-bound).
+    decode_shapes = [(64, 4096, 128), (64, 16384, 128), (64, 32768, 128), (64, 16384, 16)]
     gmm_shapes = [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32), (16384, 7168, 2048, 8)]
   peak, bandwidth = ceilings(peak_n, copy_mib, iters)
   ok = True
@@ -344,7 +397,7 @@ def main() -> int:
     if "attention" not in skip:
       bench_attention(attn_shapes, peak, iters, interpret)
     if "decode" not in skip:
-      bench_decode(decode_shapes, bandwidth, iters, interpret)
+      bench_decode(decode_shapes, peak, bandwidth, iters, interpret)
     if "gmm" not in skip:
       bench_gmm(gmm_shapes, iters, interpret)
   if args.sweep or args.only_sweep:
@@ -352,7 +405,8 @@ def main() -> int:
     if "attention" not in skip:
       sweep_attention(attn_shapes[0], attention, peak, iters, interpret)
     if "decode" not in skip:
-      sweep_decode(decode_shapes[1 % len(decode_shapes)], decode, bandwidth, iters, interpret)
+      sweep_decode(decode_shapes[1 % len(decode_shapes)], decode, peak, bandwidth, iters,
+                   interpret)
     if "gmm" not in skip:
       sweep_gmm(gmm_shapes[0], gmm, iters, interpret)
   return 0 if ok else 1
