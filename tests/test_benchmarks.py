@@ -84,12 +84,24 @@ def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
   report = (tmp_path / "kernel_bench.md").read_text()
   assert "interpret=True" in report
   for title in ("Measured ceilings", "Correctness against the pure-jnp references (interpret)",
-                "MLA attention fwd+bwd", "MLA absorbed decode", "Grouped matmul",
+                "MLA attention, causal", "MLA absorbed decode", "Grouped matmul",
                 "Sweep: MLA attention blocks", "Sweep: MLA decode blocks", "Sweep: gmm / tgmm"):
     assert f"### {title}" in report, (title, report[-2000:])
   assert "failed" not in report, report[-3000:]
   for kernel in ("attention (fwd+bwd)", "decode", "gmm (2 gmm + 1 tgmm"):
     assert f"Fastest {kernel}" in report, kernel
+
+
+def test_jax_mosaic_gpu_ragged_dot_reference_lowers_for_cuda():
+  """gpu_check times JAX's own Mosaic GPU ragged dot beside gmm: its call must be right
+  before device time is spent on it. (The FA3 and transposed examples read the GPU's CUDA
+  version or core count while tracing, so only a GPU traces them.)"""
+  kernel_bench = load_kernel_bench()
+  lhs, rhs, grad, sizes, _ = kernel_bench._gmm_operands(512, 256, 256, 4)
+  fn, args = kernel_bench._gpu_gmm_candidates(lhs, rhs, grad, sizes)[
+      "gmm: JAX's Mosaic GPU ragged_dot example"]
+  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
 
 
 def test_sweep_summary_names_the_fastest_config_and_skips_failures(capsys):

@@ -4,8 +4,10 @@
   python experiments/benchmarks/kernel_bench.py --smoke    # CPU interpret mode, tiny shapes
 
 Every ratio is measured in this run: the device's bf16 matmul rate and copy bandwidth first,
-then each kernel against its pure-jnp reference under jit (XLA) and, for attention, cuDNN
-through jax.nn.dot_product_attention where it accepts the shapes. Prints markdown tables.
+then each kernel against its pure-jnp reference under jit (XLA). On a GPU also against cuDNN
+attention (jax.nn.dot_product_attention, where it accepts the shapes) and JAX's own Mosaic GPU
+kernels (jax.experimental.pallas.ops.gpu: the FA3 attention and the ragged dots), which show
+what a Mosaic GPU form of these kernels could reach. Prints markdown tables.
 Imports only jax and pallas_kernels (the GPU machine has no grain).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import statistics
 import sys
 import time
@@ -150,32 +153,60 @@ def _train_step(attn, ct):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
+def _pad_v(v):
+  """cuDNN and JAX's Mosaic GPU example want Dv == Dqk: v zero-padded to 192."""
+  return jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, _DQK - _DV)))
+
+
+def _jax_gpu_example(name: str):
+  """A module of JAX's own Pallas GPU kernels (jax.experimental.pallas.ops.gpu), or None
+  (reported) where this JAX lacks it: reference points for what a Mosaic GPU form reaches."""
+  try:
+    return importlib.import_module(f"jax.experimental.pallas.ops.gpu.{name}")
+  except Exception as e:  # noqa: BLE001 -- a missing reference is reported, not fatal
+    print(f"  jax.experimental.pallas.ops.gpu.{name} is not available: {e}")
+    return None
+
+
+def _gpu_attention_candidates():
+  """Attention implementations only a GPU runs, each (q, k, v) -> [B,T,H,Dv]."""
+  def cudnn(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, _pad_v(v), is_causal=True,
+                                       implementation="cudnn", scale=_DQK**-0.5)
+    return out[..., :_DV]
+  candidates = {"cudnn (v padded to 192)": cudnn}
+  fa3 = _jax_gpu_example("attention_mgpu")
+  if fa3 is not None:   # FlashAttention-3 on Mosaic GPU; it takes q pre-scaled
+    config = fa3.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+    candidates["JAX's Mosaic GPU FA3 example (v padded to 192)"] = (
+        lambda q, k, v: fa3.attention(q * _DQK**-0.5, k, _pad_v(v), config)[..., :_DV])
+  return candidates
+
+
 def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
-  rows = []
+  """Forward and forward + backward of each implementation; the speed-up is pallas's. A
+  table per shape, printed as soon as it is measured."""
   for b, t, h in shapes:
-    args, ct, (_, flops) = _attention_operands(b, t, h)
-    candidates = {
-        "pallas": _train_step(functools.partial(pk.mla_attention, interpret=interpret), ct),
-        "xla": _train_step(ref.mla_attention, ct),
-    }
+    rows = []
+    args, ct, (flops_fwd, flops_step) = _attention_operands(b, t, h)
+    candidates = {"pallas": functools.partial(pk.mla_attention, interpret=interpret),
+                  "xla": ref.mla_attention}
     if jax.default_backend() == "gpu":
-      def cudnn(q, k, v):     # cuDNN wants Dv == Dqk through this API: pad v, slice output
-        vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, _DQK - _DV)))
-        out = jax.nn.dot_product_attention(q, k, vp, is_causal=True, implementation="cudnn",
-                                           scale=_DQK**-0.5)
-        return out[..., :_DV]
-      candidates["cudnn (v padded to 192)"] = _train_step(cudnn, ct)
-    results = {}
-    for name, fn in candidates.items():
-      rate = _rate(flops, fn, args, iters, f"{name} at B={b} T={t} H={h}")
-      if rate is not None:
-        results[name] = rate
-    pallas = results.get("pallas", float("nan"))
-    for name, rate in results.items():
-      rows.append([f"B={b} T={t} H={h}", name, rate / 1e12, rate / peak,
-                   pallas / rate if name != "pallas" else 1.0])
-  table("MLA attention fwd+bwd, causal, Dqk 192 / Dv 128, bf16",
-        ["shape", "impl", "TFLOP/s", "of matmul peak", "pallas speed-up"], rows)
+      candidates |= _gpu_attention_candidates()
+    rates = {}
+    for name, attn in candidates.items():
+      what = f"{name} at B={b} T={t} H={h}"
+      rates[name] = (_rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd"),
+                     _rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd"))
+    for name, (fwd, step) in rates.items():
+      cells = []
+      for rate, pallas in zip((fwd, step), rates["pallas"]):
+        cells += ([rate / 1e12, rate / peak, (pallas or float("nan")) / rate]
+                  if rate is not None else ["failed", "-", "-"])
+      rows.append([name] + cells)
+    table(f"MLA attention, causal, Dqk 192 / Dv 128, bf16, B={b} T={t} H={h}",
+          ["impl", "fwd TFLOP/s", "fwd of matmul peak", "pallas fwd speed-up",
+           "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak", "pallas fwd+bwd speed-up"], rows)
 
 
 def _rate(work, fn, args, iters, what):
@@ -241,6 +272,24 @@ def _gmm_operands(m, kd, n, g):
   return lhs, rhs, grad, sizes, 2 * m * kd * n
 
 
+def _gpu_gmm_candidates(lhs, rhs, grad, sizes):
+  """JAX's Mosaic GPU ragged dots (gmm's and tgmm's products) at their example's tiling."""
+  tiling = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
+  cases = {}
+  forward = _jax_gpu_example("ragged_dot_mgpu")
+  if forward is not None:
+    cases["gmm: JAX's Mosaic GPU ragged_dot example"] = (
+        jax.jit(lambda a, w, g: forward.ragged_dot(a, w, group_sizes=g, **tiling)),
+        (lhs, rhs, sizes))
+  transposed = _jax_gpu_example("transposed_ragged_dot_mgpu")
+  if transposed is not None:   # per group: lhs[rows]^T @ grad[rows], tgmm's product
+    cases["tgmm: JAX's Mosaic GPU transposed_ragged_dot example"] = (
+        jax.jit(lambda a, d, g: transposed.transposed_ragged_dot(a, d, group_sizes=g,
+                                                                 **tiling)),
+        (lhs, grad, sizes))
+  return cases
+
+
 def bench_gmm(shapes, iters: int, interpret: bool) -> None:
   rows = []
   for m, kd, n, g in shapes:
@@ -253,6 +302,8 @@ def bench_gmm(shapes, iters: int, interpret: bool) -> None:
                           (lhs, grad, sizes)),
         "ragged_dot (xla)": (jax.jit(ref.gmm), (lhs, rhs, sizes)),
     }
+    if jax.default_backend() == "gpu":
+      cases |= _gpu_gmm_candidates(lhs, rhs, grad, sizes)
     for name, (fn, args) in cases.items():
       rate = _rate(flops, fn, args, iters, f"{name} at M={m} K={kd} N={n} G={g}")
       if rate is not None:
@@ -394,12 +445,13 @@ def main() -> int:
   if not args.only_sweep:
     rows = check_correctness(interpret)
     ok = all(row[-1] for row in rows)
-    if "attention" not in skip:
-      bench_attention(attn_shapes, peak, iters, interpret)
+    # Attention last: it compiles the most, so a time limit cuts its last shapes only.
     if "decode" not in skip:
       bench_decode(decode_shapes, peak, bandwidth, iters, interpret)
     if "gmm" not in skip:
       bench_gmm(gmm_shapes, iters, interpret)
+    if "attention" not in skip:
+      bench_attention(attn_shapes, peak, iters, interpret)
   if args.sweep or args.only_sweep:
     attention, decode, gmm = sweep_configs("interpret" if interpret else jax.default_backend())
     if "attention" not in skip:
