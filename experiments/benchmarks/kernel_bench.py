@@ -175,6 +175,14 @@ def _gpu_attention_candidates():
                                        implementation="cudnn", scale=_DQK**-0.5)
     return out[..., :_DV]
   candidates = {"cudnn (v padded to 192)": cudnn}
+  try:   # JAX's internal cuDNN call takes Dv != Dqk on Hopper with cuDNN >= 9.10
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_mla
+  except ImportError as e:
+    print(f"  JAX's internal cuDNN attention is not available: {e}")
+  else:
+    candidates["cudnn (internal API, Dv 128)"] = (
+        lambda q, k, v: cudnn_mla.dot_product_attention(
+            q, k, v, scale=_DQK**-0.5, mask_type=cudnn_mla.MaskType.CAUSAL))
   fa3 = _jax_gpu_example("attention_mgpu")
   if fa3 is not None:   # FlashAttention-3 on Mosaic GPU; it takes q pre-scaled
     config = fa3.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
