@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import platform
+from pallas_kernels import checks, platform
 from pallas_kernels.platform import pltriton
 
 
@@ -331,6 +331,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None, block_sizes: BlockSizes | No
 
   lhs [M,K], grad [M,N], group_sizes [G] int32 -> [G,K,N] float32; empty groups give zeros.
   """
+  checks.tgmm(lhs, grad, group_sizes)
   bs = block_sizes or BlockSizes.for_platform(platform.target(interpret), lhs.dtype)
   offsets = _group_offsets(group_sizes, lhs.shape[0])
   impl = _tgmm_sequential if bs.sequential_grid else _tgmm_parallel
@@ -363,6 +364,7 @@ def gmm(lhs, rhs, group_sizes, *, interpret=None, block_sizes: BlockSizes | None
   group_sizes [G] int32 with sum <= M; rows past the sum produce zeros. -> [M,N] in lhs's dtype,
   accumulated in float32. Differentiable in lhs and rhs.
   """
+  checks.gmm(lhs, rhs, group_sizes)
   bs = block_sizes or BlockSizes.for_platform(platform.target(interpret), lhs.dtype)
   return _gmm_vjp(lhs, rhs, group_sizes.astype(jnp.int32), bs,
                   platform.resolve_interpret(interpret))

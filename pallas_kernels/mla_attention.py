@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import platform
+from pallas_kernels import checks, platform
 
 _MIN_DIM = 16  # Triton's smallest dot dimension
 
@@ -110,6 +110,7 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
   `pltpu.InterpretParams` runs the TPU form in the TPU interpreter. `block_sizes` defaults to
   `BlockSizes.for_backend` of the platform.
   """
+  checks.attention(q, k, v, segment_ids)
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
   blocks = block_sizes or BlockSizes.for_backend(platform.target(interpret), q.dtype)
@@ -119,15 +120,8 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "blocks"))
 def _attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, blocks):
-  b, t, h, d_qk = q.shape
+  t, d_qk = q.shape[1], q.shape[3]
   s, d_v = k.shape[1], v.shape[-1]
-  if k.shape != (b, s, h, d_qk) or v.shape != (b, s, h, d_v):
-    raise ValueError(f"expected k [B,S,H,Dqk] and v [B,S,H,Dv] for q {q.shape}; "
-                     f"got {k.shape} and {v.shape}")
-  if t == 0 or s == 0:
-    raise ValueError(f"mla_attention needs at least one query and one key; got T={t}, S={s}")
-  if segment_ids is not None and t != s:
-    raise ValueError(f"segment_ids need T == S (self-attention); got T={t}, S={s}")
   blocks = blocks.fit(t, s)
   t_pad = _round_up(t, max(blocks.block_q, blocks.block_q_bwd))
   s_pad = _round_up(s, max(blocks.block_k, blocks.block_k_bwd))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import platform
+from pallas_kernels import checks, platform
 from pallas_kernels.platform import pltriton
 
 _NEG_INF = float("-inf")
@@ -203,11 +203,9 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   q_latent [B,H,Dc], q_rope [B,H,Dr], kv_latent [B,S,Dc], k_rope [B,S,Dr], lengths [B] int32
   (valid cache entries per row) -> [B,H,Dc] in q_latent's dtype; float32 accumulation.
   """
+  checks.decode(q_latent, q_rope, kv_latent, k_rope, lengths)
   b, h, dc = q_latent.shape
-  s, dr = kv_latent.shape[1], k_rope.shape[2]
-  if s == 0:
-    raise ValueError(f"mla_decode needs a cache of at least one entry; kv_latent is "
-                     f"{kv_latent.shape}")
+  s = kv_latent.shape[1]
   interpret = platform.resolve_interpret(interpret)
   backend = platform.target(interpret)
   bs = block_sizes or MlaDecodeBlockSizes.get_default(backend, q_latent.dtype)

@@ -27,7 +27,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import platform
+from pallas_kernels import checks, platform
 from pallas_kernels.platform import pltriton
 
 _NEG_INF = float("-inf")
@@ -159,10 +159,8 @@ def moe_route(logits, bias, *, top_k, n_group=1, topk_group=1, score_fn="sigmoid
   logits [N,E], bias [E] or None -> (weights [N,K] float32, experts [N,K] int32). Gradients
   flow to the logits through the weights; the bias only selects and gets none.
   """
-  if score_fn not in ("sigmoid", "softmax"):
-    raise ValueError(f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
-  if logits.shape[1] % n_group:
-    raise ValueError(f"{logits.shape[1]} experts do not split into {n_group} groups")
+  checks.route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+               score_fn=score_fn)
   routing = _Routing(top_k, n_group, topk_group, score_fn, norm_topk_prob,
                      float(routed_scaling_factor), interpret, block_sizes)
   return _route(routing, logits, bias)

@@ -8,6 +8,8 @@ that a reference can stand in for its kernel anywhere.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import checks
+
 _NEG_INF = float("-inf")
 
 
@@ -36,6 +38,7 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
   all masked out produce zeros.
   """
   del interpret
+  checks.attention(q, k, v, segment_ids)
   _, t, _, d_qk = q.shape
   s = k.shape[1]
   if sm_scale is None:
@@ -62,6 +65,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   A row with length 0 produces zeros.
   """
   del interpret
+  checks.decode(q_latent, q_rope, kv_latent, k_rope, lengths)
   f32 = jnp.float32
   scores = jnp.einsum("bhc,bsc->bhs", q_latent, kv_latent, preferred_element_type=f32)
   scores += jnp.einsum("bhr,bsr->bhs", q_rope, k_rope, preferred_element_type=f32)
@@ -90,14 +94,11 @@ def moe_route(logits, bias, *, top_k, n_group=1, topk_group=1, score_fn="sigmoid
   Ties are broken towards the lower index, as jax.lax.top_k does.
   """
   del interpret
+  checks.route(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group,
+               score_fn=score_fn)
   n, e = logits.shape
   logits = logits.astype(jnp.float32)
-  if score_fn == "sigmoid":
-    scores = jax.nn.sigmoid(logits)
-  elif score_fn == "softmax":
-    scores = jax.nn.softmax(logits, axis=-1)
-  else:
-    raise ValueError(f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
+  scores = jax.nn.sigmoid(logits) if score_fn == "sigmoid" else jax.nn.softmax(logits, axis=-1)
   choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
   if n_group > 1:
     grouped = choice.reshape(n, n_group, e // n_group)
@@ -122,6 +123,7 @@ def gmm(lhs, rhs, group_sizes, *, interpret=None):
   accumulated in float32.
   """
   del interpret
+  checks.gmm(lhs, rhs, group_sizes)
   out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
                            preferred_element_type=jnp.float32)
   return out.astype(lhs.dtype)
@@ -133,6 +135,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None):
   lhs [M,K], grad [M,N], group_sizes [G] -> [G,K,N] float32; empty groups give zeros.
   """
   del interpret
+  checks.tgmm(lhs, grad, group_sizes)
   m = lhs.shape[0]
   g = group_sizes.shape[0]
   ends = jnp.cumsum(group_sizes)

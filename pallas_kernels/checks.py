@@ -1,0 +1,111 @@
+"""The operand contracts of the kernels, checked on shapes before anything is traced.
+
+A kernel and its reference call the same check, so both reject bad input with one
+`ValueError` that names the kernel, the operand and the shapes. A mismatched operand would
+otherwise compute silently wrong numbers (Pallas reads blocks by the shapes it is given) or
+fail deep inside a trace. Only static properties are checked. Values (lengths, group sizes)
+follow each kernel's documented clamping.
+"""
+
+import jax.numpy as jnp
+
+
+def _fail(kernel: str, problem: str):
+  raise ValueError(f"{kernel}: {problem}")
+
+
+def _ranks(kernel: str, **operands) -> None:
+  """Each operand (array, expected layout such as "[B,T,H,D]") has that layout's rank."""
+  for name, (x, layout) in operands.items():
+    if x.ndim != layout.count(",") + 1:
+      _fail(kernel, f"{name} must be {layout}; got shape {tuple(x.shape)}")
+
+
+def _integer(kernel: str, name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    _fail(kernel, f"{name} must be integers; got {x.dtype}")
+
+
+def attention(q, k, v, segment_ids) -> None:
+  """q [B,T,H,Dqk], k [B,S,H,Dqk], v [B,S,H,Dv], segment_ids None or [B,T] integers (T == S);
+  T and S at least 1."""
+  kernel = "mla_attention"
+  _ranks(kernel, q=(q, "[B,T,H,Dqk]"), k=(k, "[B,S,H,Dqk]"), v=(v, "[B,S,H,Dv]"))
+  b, t, h, d_qk = q.shape
+  s = k.shape[1]
+  if k.shape != (b, s, h, d_qk) or v.shape[:3] != (b, s, h):
+    _fail(kernel, f"expected k [B,S,H,Dqk] and v [B,S,H,Dv] for q {q.shape}; got "
+                  f"{k.shape} and {v.shape}")
+  if t == 0 or s == 0:
+    _fail(kernel, f"needs at least one query and one key; got T={t}, S={s}")
+  if segment_ids is not None:
+    if t != s:
+      _fail(kernel, f"segment_ids need T == S (self-attention); got T={t}, S={s}")
+    if segment_ids.shape != (b, t):
+      _fail(kernel, f"segment_ids must be [B,T] = {(b, t)}; got {segment_ids.shape}")
+    _integer(kernel, "segment_ids", segment_ids)
+
+
+def decode(q_latent, q_rope, kv_latent, k_rope, lengths) -> None:
+  """q_latent [B,H,Dc], q_rope [B,H,Dr], kv_latent [B,S,Dc], k_rope [B,S,Dr] with S >= 1,
+  lengths [B] integers."""
+  kernel = "mla_decode"
+  _ranks(kernel, q_latent=(q_latent, "[B,H,Dc]"), q_rope=(q_rope, "[B,H,Dr]"),
+         kv_latent=(kv_latent, "[B,S,Dc]"), k_rope=(k_rope, "[B,S,Dr]"),
+         lengths=(lengths, "[B]"))
+  b, h, dc = q_latent.shape
+  s, dr = kv_latent.shape[1], q_rope.shape[2]
+  want = {"q_rope": (b, h, dr), "kv_latent": (b, s, dc), "k_rope": (b, s, dr), "lengths": (b,)}
+  got = {"q_rope": q_rope.shape, "kv_latent": kv_latent.shape, "k_rope": k_rope.shape,
+         "lengths": lengths.shape}
+  bad = [name for name in want if tuple(got[name]) != want[name]]
+  if bad:
+    _fail(kernel, f"for q_latent {q_latent.shape} and q_rope {q_rope.shape} (B={b}, H={h}, "
+                  f"Dc={dc}, Dr={dr}): "
+                  + "; ".join(f"{name} must be {want[name]}, got {tuple(got[name])}"
+                              for name in bad))
+  if s == 0:
+    _fail(kernel, f"needs a cache of at least one entry; kv_latent is {kv_latent.shape}")
+  _integer(kernel, "lengths", lengths)
+
+
+def route(logits, bias, *, top_k: int, n_group: int, topk_group: int, score_fn: str) -> None:
+  """logits [N,E], bias None or [E]; E splits into n_group groups, topk_group of which hold
+  at least top_k experts; V3's sigmoid groups score their top two, so hold two or more."""
+  kernel = "moe_route"
+  if score_fn not in ("sigmoid", "softmax"):
+    _fail(kernel, f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
+  _ranks(kernel, logits=(logits, "[N,E]"))
+  e = logits.shape[1]
+  if bias is not None and bias.shape != (e,):
+    _fail(kernel, f"bias must be [E] = ({e},) for logits {logits.shape}; got {bias.shape}")
+  if n_group < 1 or e % n_group:
+    _fail(kernel, f"{e} experts do not split into {n_group} groups")
+  if not 1 <= topk_group <= n_group:
+    _fail(kernel, f"topk_group must be in [1, n_group={n_group}]; got {topk_group}")
+  per_group = e // n_group
+  if n_group > 1 and score_fn == "sigmoid" and per_group < 2:
+    _fail(kernel, f"sigmoid routing scores a group by its top two experts; {n_group} groups "
+                  f"of {e} experts hold {per_group}")
+  if not 1 <= top_k <= per_group * topk_group:
+    _fail(kernel, f"top_k must be in [1, {per_group * topk_group}] (the experts of "
+                  f"{topk_group} kept groups of {per_group}); got {top_k}")
+
+
+def gmm(lhs, rhs, group_sizes) -> None:
+  """lhs [M,K], rhs [G,K,N], group_sizes [G] integers."""
+  kernel = "gmm"
+  _ranks(kernel, lhs=(lhs, "[M,K]"), rhs=(rhs, "[G,K,N]"), group_sizes=(group_sizes, "[G]"))
+  if rhs.shape[1] != lhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
+    _fail(kernel, f"expected rhs [G,K={lhs.shape[1]},N] and group_sizes [G] for lhs "
+                  f"{lhs.shape}; got rhs {rhs.shape} and group_sizes {group_sizes.shape}")
+  _integer(kernel, "group_sizes", group_sizes)
+
+
+def tgmm(lhs, grad, group_sizes) -> None:
+  """lhs [M,K], grad [M,N], group_sizes [G] integers."""
+  kernel = "tgmm"
+  _ranks(kernel, lhs=(lhs, "[M,K]"), grad=(grad, "[M,N]"), group_sizes=(group_sizes, "[G]"))
+  if grad.shape[0] != lhs.shape[0]:
+    _fail(kernel, f"grad must be [M={lhs.shape[0]},N] like lhs {lhs.shape}; got {grad.shape}")
+  _integer(kernel, "group_sizes", group_sizes)
