@@ -4,6 +4,7 @@ tables (the numbers themselves are measured by running them in full, never asser
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -92,16 +93,30 @@ def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
     assert f"Fastest {kernel}" in report, kernel
 
 
-def test_jax_mosaic_gpu_ragged_dot_reference_lowers_for_cuda():
-  """gpu_check times JAX's own Mosaic GPU ragged dot beside gmm: its call must be right
-  before device time is spent on it. (The FA3 and transposed examples read the GPU's CUDA
-  version or core count while tracing, so only a GPU traces them.)"""
+def test_jax_mosaic_gpu_references_lower_for_cuda(monkeypatch):
+  """gpu_check times JAX's own Mosaic GPU kernels beside ours: their calls must be right
+  before device time is spent on them. FA3 reads the CUDA runtime's version and the
+  transposed ragged dot the GPU's core count while tracing; both are stubbed with an H200's
+  (CUDA 13, 132 SMs) for the trace, then lowered for CUDA."""
+  import jax
   kernel_bench = load_kernel_bench()
   lhs, rhs, grad, sizes, _ = kernel_bench._gmm_operands(512, 256, 256, 4)
-  fn, args = kernel_bench._gpu_gmm_candidates(lhs, rhs, grad, sizes)[
-      "gmm: JAX's Mosaic GPU ragged_dot example"]
-  text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  gmm_cases = kernel_bench._gpu_gmm_candidates(lhs, rhs, grad, sizes)
+  fa3 = kernel_bench._jax_gpu_example("attention_mgpu")
+  monkeypatch.setattr(fa3, "cuda_versions", types.SimpleNamespace(
+      cuda_runtime_get_version=lambda: 13000))
+  (q, k, v), _, _ = kernel_bench._attention_operands(1, 256, 2)
+  attention_cases = kernel_bench._gpu_attention_candidates()
+  fa3_forward, has_backward = attention_cases[
+      "JAX's Mosaic GPU FA3 example (float16, v padded to 192)"]
+  assert not has_backward
+  traced = [jax.jit(fa3_forward).trace(q, k, v)]
+  with monkeypatch.context() as patch:
+    patch.setattr(jax, "devices", lambda *_: [types.SimpleNamespace(core_count=132)])
+    traced += [fn.trace(*args) for fn, args in gmm_cases.values()]
+  assert len(traced) == 3
+  for trace in traced:
+    assert "mosaic_gpu" in trace.lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_sweep_summary_names_the_fastest_config_and_skips_failures(capsys):
@@ -126,8 +141,9 @@ def load_kernel_bench():
 def test_decode_roofline_is_compute_bound_at_128_heads_on_an_h200():
   """The decode target is judged against the roofline, not the copy bandwidth alone: with
   128 heads each 1152-byte cache entry costs 128 * 2 * (2 * 512 + 64) FLOPs, 242 FLOP/B, past
-  the H200's ridge (the 2026-11-28 ceilings: 790 TFLOP/s bf16, 4.3 TB/s copy), so no kernel
-  can stream the cache faster than 790e12 / 242 B/s. V2-Lite's 16 heads are memory-bound."""
+  the ridge of the H200's measured ceilings (2026-11-28: XLA's 790 TFLOP/s bf16 matmul,
+  4.3 TB/s copy), so at that matmul rate the cache streams at most at 790e12 / 242 B/s.
+  V2-Lite's 16 heads are memory-bound."""
   roofline = load_kernel_bench().decode_roofline
   peak, bandwidth = 790e12, 4.3e12
   attainable, bound = roofline(64, 4096, 128, peak, bandwidth)

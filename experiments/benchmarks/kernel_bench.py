@@ -134,11 +134,11 @@ _DQK, _DV = 192, 128
 
 
 def _attention_operands(b, t, h):
-  """(q, k, v), the output cotangent, and the causal matmul FLOPs of (forward, forward +
-  backward). Forward: s = q k^T (Dqk) and p v (Dv) per visible (query, key) pair. A flash
-  backward recomputes s, then dv = p^T do and dp = do v^T (Dv), dq = ds k and dk = ds^T q
-  (Dqk): 3 Dqk + 2 Dv, 2.6x the forward at 192 / 128 (FlashAttention-2 counts 2.5x at
-  Dqk = Dv)."""
+  """(q, k, v), the output cotangent, and the causal model FLOPs (FlashAttention-2's count)
+  of (forward, forward + backward). Forward: s = q k^T (Dqk) and p v (Dv) per visible
+  (query, key) pair. Backward: s recomputed, dv = p^T do and dp = do v^T (Dv), dq = ds k and
+  dk = ds^T q (Dqk): 3 Dqk + 2 Dv, 2.6x the forward at 192 / 128 (2.5x at Dqk = Dv). Our
+  split dq / dk-dv backward recomputes s and dp twice and is not credited for it."""
   keys = jax.random.split(jax.random.key(2), 4)
   q, kk = (jax.random.normal(x, (b, t, h, _DQK), BF16) for x in keys[:2])
   v, ct = (jax.random.normal(x, (b, t, h, _DV), BF16) for x in keys[2:])
@@ -169,12 +169,13 @@ def _jax_gpu_example(name: str):
 
 
 def _gpu_attention_candidates():
-  """Attention implementations only a GPU runs, each (q, k, v) -> [B,T,H,Dv]."""
+  """Attention implementations only a GPU runs: name -> (attn (q, k, v) -> [B,T,H,Dv],
+  whether it has a backward to time)."""
   def cudnn(q, k, v):
     out = jax.nn.dot_product_attention(q, k, _pad_v(v), is_causal=True,
                                        implementation="cudnn", scale=_DQK**-0.5)
     return out[..., :_DV]
-  candidates = {"cudnn (v padded to 192)": cudnn}
+  candidates = {"cudnn (v padded to 192)": (cudnn, True)}
   try:   # JAX's internal cuDNN call takes Dv != Dqk on Hopper with cuDNN >= 9.10
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_mla
   except ImportError as e:
@@ -182,12 +183,18 @@ def _gpu_attention_candidates():
   else:
     candidates["cudnn (internal API, Dv 128)"] = (
         lambda q, k, v: cudnn_mla.dot_product_attention(
-            q, k, v, scale=_DQK**-0.5, mask_type=cudnn_mla.MaskType.CAUSAL))
+            q, k, v, scale=_DQK**-0.5, mask_type=cudnn_mla.MaskType.CAUSAL), True)
   fa3 = _jax_gpu_example("attention_mgpu")
-  if fa3 is not None:   # FlashAttention-3 on Mosaic GPU; it takes q pre-scaled
+  if fa3 is not None:   # FlashAttention-3 on Mosaic GPU: float16 tiles, q pre-scaled, and
+    # (as of JAX 0.10.2) no causal backward
     config = fa3.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
-    candidates["JAX's Mosaic GPU FA3 example (v padded to 192)"] = (
-        lambda q, k, v: fa3.attention(q * _DQK**-0.5, k, _pad_v(v), config)[..., :_DV])
+
+    def fa3_forward(q, k, v):
+      f16 = jnp.float16
+      out = fa3.attention((q * _DQK**-0.5).astype(f16), k.astype(f16),
+                          _pad_v(v).astype(f16), config)
+      return out[..., :_DV].astype(q.dtype)
+    candidates["JAX's Mosaic GPU FA3 example (float16, v padded to 192)"] = (fa3_forward, False)
   return candidates
 
 
@@ -197,24 +204,30 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
   for b, t, h in shapes:
     rows = []
     args, ct, (flops_fwd, flops_step) = _attention_operands(b, t, h)
-    candidates = {"pallas": functools.partial(pk.mla_attention, interpret=interpret),
-                  "xla": ref.mla_attention}
+    candidates = {"pallas": (functools.partial(pk.mla_attention, interpret=interpret), True),
+                  "xla": (ref.mla_attention, True)}
     if jax.default_backend() == "gpu":
       candidates |= _gpu_attention_candidates()
-    rates = {}
-    for name, attn in candidates.items():
+    pallas = None
+    for name, (attn, has_backward) in candidates.items():   # pallas first: the speed-ups
       what = f"{name} at B={b} T={t} H={h}"
-      rates[name] = (_rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd"),
-                     _rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd"))
-    for name, (fwd, step) in rates.items():
-      cells = []
-      for rate, pallas in zip((fwd, step), rates["pallas"]):
-        cells += ([rate / 1e12, rate / peak, (pallas or float("nan")) / rate]
-                  if rate is not None else ["failed", "-", "-"])
+      fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
+      step = (_rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd")
+              if has_backward else None)
+      pallas = pallas or (fwd, step)
+      cells = _rate_cells(fwd, pallas[0], peak)
+      cells += _rate_cells(step, pallas[1], peak) if has_backward else ["n/a", "-", "-"]
       rows.append([name] + cells)
     table(f"MLA attention, causal, Dqk 192 / Dv 128, bf16, B={b} T={t} H={h}",
           ["impl", "fwd TFLOP/s", "fwd of matmul peak", "pallas fwd speed-up",
            "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak", "pallas fwd+bwd speed-up"], rows)
+
+
+def _rate_cells(rate, pallas_rate, peak):
+  """TFLOP/s, fraction of the matmul peak and pallas's speed-up, or 'failed'."""
+  if rate is None:
+    return ["failed", "-", "-"]
+  return [rate / 1e12, rate / peak, (pallas_rate or float("nan")) / rate]
 
 
 def _rate(work, fn, args, iters, what):
@@ -290,8 +303,8 @@ def _gpu_gmm_candidates(lhs, rhs, grad, sizes):
         jax.jit(lambda a, w, g: forward.ragged_dot(a, w, group_sizes=g, **tiling)),
         (lhs, rhs, sizes))
   transposed = _jax_gpu_example("transposed_ragged_dot_mgpu")
-  if transposed is not None:   # per group: lhs[rows]^T @ grad[rows], tgmm's product
-    cases["tgmm: JAX's Mosaic GPU transposed_ragged_dot example"] = (
+  if transposed is not None:   # per group: lhs[rows]^T @ grad[rows], tgmm's product in bf16
+    cases["tgmm: JAX's Mosaic GPU transposed_ragged_dot example (bf16 out)"] = (
         jax.jit(lambda a, d, g: transposed.transposed_ragged_dot(a, d, group_sizes=g,
                                                                  **tiling)),
         (lhs, grad, sizes))
@@ -306,7 +319,7 @@ def bench_gmm(shapes, iters: int, interpret: bool) -> None:
     cases = {
         "gmm (pallas)": (jax.jit(functools.partial(pk.gmm, interpret=interpret)),
                          (lhs, rhs, sizes)),
-        "tgmm (pallas)": (jax.jit(functools.partial(tgmm, interpret=interpret)),
+        "tgmm (pallas, float32 out)": (jax.jit(functools.partial(tgmm, interpret=interpret)),
                           (lhs, grad, sizes)),
         "ragged_dot (xla)": (jax.jit(ref.gmm), (lhs, rhs, sizes)),
     }
