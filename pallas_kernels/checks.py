@@ -55,15 +55,13 @@ def decode(q_latent, q_rope, kv_latent, k_rope, lengths) -> None:
          lengths=(lengths, "[B]"))
   b, h, dc = q_latent.shape
   s, dr = kv_latent.shape[1], q_rope.shape[2]
-  want = {"q_rope": (b, h, dr), "kv_latent": (b, s, dc), "k_rope": (b, s, dr), "lengths": (b,)}
-  got = {"q_rope": q_rope.shape, "kv_latent": kv_latent.shape, "k_rope": k_rope.shape,
-         "lengths": lengths.shape}
-  bad = [name for name in want if tuple(got[name]) != want[name]]
+  want = {"q_rope": (q_rope, (b, h, dr)), "kv_latent": (kv_latent, (b, s, dc)),
+          "k_rope": (k_rope, (b, s, dr)), "lengths": (lengths, (b,))}
+  bad = [f"{name} must be {shape}, got {tuple(x.shape)}"
+         for name, (x, shape) in want.items() if tuple(x.shape) != shape]
   if bad:
     _fail(kernel, f"for q_latent {q_latent.shape} and q_rope {q_rope.shape} (B={b}, H={h}, "
-                  f"Dc={dc}, Dr={dr}): "
-                  + "; ".join(f"{name} must be {want[name]}, got {tuple(got[name])}"
-                              for name in bad))
+                  f"Dc={dc}, Dr={dr}): " + "; ".join(bad))
   if s == 0:
     _fail(kernel, f"needs a cache of at least one entry; kv_latent is {kv_latent.shape}")
   _integer(kernel, "lengths", lengths)

@@ -17,15 +17,14 @@ def attention_mask(t: int, s: int, *, causal: bool, segment_ids=None) -> jax.Arr
   """Boolean mask [B or 1, T, S] of the keys each query may attend to, or None for all.
 
   Causal masking is aligned bottom-right: query i sits at key position i + (S - T), so a
-  query block that continues a cache of S - T keys sees all of them.
+  query block that continues a cache of S - T keys sees all of them. segment_ids [B,T] need
+  T == S (`checks.attention` refuses anything else).
   """
   mask = None
   if causal:
     q_pos = jnp.arange(t)[:, None] + (s - t)
     mask = (jnp.arange(s)[None, :] <= q_pos)[None]
   if segment_ids is not None:
-    if t != s:
-      raise ValueError(f"segment_ids need T == S (self-attention); got T={t}, S={s}")
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = same if mask is None else mask & same
   return mask

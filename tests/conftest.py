@@ -1,6 +1,7 @@
 """Test set-up: CPU only, 8 simulated devices for mesh tests, highest matmul precision."""
 
 import os
+import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("XLA_FLAGS", "")
@@ -10,3 +11,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The benchmark scripts (kernel_bench, triton_resources) are imported by the tests that check
+# them; they are scripts, not a package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments", "benchmarks"))

@@ -6,7 +6,10 @@ import subprocess
 import sys
 import types
 
+import jax
 import pytest
+
+import kernel_bench  # experiments/benchmarks, on sys.path by conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "experiments", "benchmarks")
@@ -98,11 +101,9 @@ def test_jax_mosaic_gpu_references_lower_for_cuda(monkeypatch):
   before device time is spent on them. FA3 reads the CUDA runtime's version and the
   transposed ragged dot the GPU's core count while tracing; both are stubbed with an H200's
   (CUDA 13, 132 SMs) for the trace, then lowered for CUDA."""
-  import jax
-  kernel_bench = load_kernel_bench()
   lhs, rhs, grad, sizes, _ = kernel_bench._gmm_operands(512, 256, 256, 4)
   gmm_cases = kernel_bench._gpu_gmm_candidates(lhs, rhs, grad, sizes)
-  fa3 = kernel_bench._jax_gpu_example("attention_mgpu")
+  fa3 = kernel_bench._optional_module("jax.experimental.pallas.ops.gpu.attention_mgpu")
   monkeypatch.setattr(fa3, "cuda_versions", types.SimpleNamespace(
       cuda_runtime_get_version=lambda: 13000))
   (q, k, v), _, _ = kernel_bench._attention_operands(1, 256, 2)
@@ -120,7 +121,7 @@ def test_jax_mosaic_gpu_references_lower_for_cuda(monkeypatch):
 
 
 def test_sweep_summary_names_the_fastest_config_and_skips_failures(capsys):
-  fastest = load_kernel_bench().fastest
+  fastest = kernel_bench.fastest
   fastest("decode", ["default", "a", "b", "c"], [2.0, None, 0.5, 1.0])
   assert capsys.readouterr().out.strip() == "Fastest decode: 'b' (4.00x the default)"
   fastest("gmm", ["default", "a"], [None, 3.0])
@@ -129,22 +130,13 @@ def test_sweep_summary_names_the_fastest_config_and_skips_failures(capsys):
   assert capsys.readouterr().out.strip() == "Fastest gmm: none ran"
 
 
-def load_kernel_bench():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("kernel_bench",
-                                                os.path.join(BENCHMARKS, "kernel_bench.py"))
-  kernel_bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(kernel_bench)
-  return kernel_bench
-
-
 def test_decode_roofline_is_compute_bound_at_128_heads_on_an_h200():
   """The decode target is judged against the roofline, not the copy bandwidth alone: with
   128 heads each 1152-byte cache entry costs 128 * 2 * (2 * 512 + 64) FLOPs, 242 FLOP/B, past
   the ridge of the H200's measured ceilings (2026-11-28: XLA's 790 TFLOP/s bf16 matmul,
   4.3 TB/s copy), so at that matmul rate the cache streams at most at 790e12 / 242 B/s.
   V2-Lite's 16 heads are memory-bound."""
-  roofline = load_kernel_bench().decode_roofline
+  roofline = kernel_bench.decode_roofline
   peak, bandwidth = 790e12, 4.3e12
   attainable, bound = roofline(64, 4096, 128, peak, bandwidth)
   assert bound == "compute-bound at 242 FLOP/B"
@@ -157,7 +149,6 @@ def test_decode_roofline_is_compute_bound_at_128_heads_on_an_h200():
 def test_gpu_sweep_configs_are_distinct_triton_configs_with_the_default_first():
   """gpu_check.sh's sweeps spend device time: every config must be a legal Triton tiling
   (power-of-two blocks of at least 16) and none may repeat."""
-  kernel_bench = load_kernel_bench()
   attention, decode, gmm = kernel_bench.sweep_configs("gpu")
   assert attention[0] == kernel_bench.AttentionBlockSizes.for_backend("gpu")
   assert decode[0] == kernel_bench.MlaDecodeBlockSizes.get_default("gpu")

@@ -3,8 +3,6 @@ names the kernel and the operand, before anything is traced. Without the checks,
 these computed silently wrong numbers (a decode cache narrower than the query, gmm weights
 with the wrong K, fewer group sizes than groups) or failed deep inside a trace."""
 
-import functools
-
 import jax.numpy as jnp
 import pytest
 
@@ -69,29 +67,21 @@ CASES = [
 ]
 
 
-def _call(fn, operands):
-  if fn in (pk.mla_attention, reference.mla_attention):
-    operands = dict(operands)
-    return fn(operands.pop("q"), operands.pop("k"), operands.pop("v"), **operands)
-  return functools.partial(fn, **operands)()
-
-
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("name, operands, message", CASES)
 def test_bad_operands_are_refused_by_name(impl, name, operands, message):
   fn = getattr(pk if impl == "kernel" else reference, name)
   with pytest.raises(ValueError, match=message):
-    _call(fn, operands)
+    fn(**operands)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_well_formed_operands_pass(impl):
   """The checks refuse only what is wrong: every base operand set above runs."""
   module = pk if impl == "kernel" else reference
-  assert _call(module.mla_attention, attention()).shape == (B, T, H, 128)
-  assert _call(module.mla_decode, decode()).shape == (B, H, 512)
-  weights, experts = _call(module.moe_route, route(n_group=4, topk_group=2, top_k=3))
+  assert module.mla_attention(**attention()).shape == (B, T, H, 128)
+  assert module.mla_decode(**decode()).shape == (B, H, 512)
+  weights, experts = module.moe_route(**route(n_group=4, topk_group=2, top_k=3))
   assert weights.shape == experts.shape == (4, 3)
-  assert _call(module.gmm, dict(lhs=LHS, rhs=RHS, group_sizes=SIZES)).shape == (10, 8)
-  assert _call(module.tgmm, dict(lhs=LHS, grad=jnp.zeros((10, 8)),
-                                 group_sizes=SIZES)).shape == (3, 16, 8)
+  assert module.gmm(LHS, RHS, SIZES).shape == (10, 8)
+  assert module.tgmm(LHS, jnp.zeros((10, 8)), SIZES).shape == (3, 16, 8)

@@ -7,9 +7,6 @@ ptxas's registers, spills and shared memory: a default block size that overflows
 shared memory fails to launch, one that spills runs slowly.
 """
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,10 +16,7 @@ import deepjax as dj
 import pallas_kernels as pk
 from hf_reference import SMALL_V3
 from pallas_kernels import platform
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "experiments", "benchmarks"))
-import triton_resources  # pylint: disable=wrong-import-position
+import triton_resources  # experiments/benchmarks, on sys.path by conftest
 
 CUSTOM_CALL = {"gpu": triton_resources.TRITON_TARGET, "tpu": "tpu_custom_call"}
 # Pallas kernels per case: attention fwd, dq, dkv; decode; gmm, gmm against rhs^T, tgmm; router.

@@ -158,14 +158,17 @@ def _pad_v(v):
   return jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, _DQK - _DV)))
 
 
-def _jax_gpu_example(name: str):
-  """A module of JAX's own Pallas GPU kernels (jax.experimental.pallas.ops.gpu), or None
-  (reported) where this JAX lacks it: reference points for what a Mosaic GPU form reaches."""
+def _optional_module(path: str):
+  """The module at `path`, or None (reported) where this JAX lacks it: JAX's own GPU kernels
+  and its internal cuDNN call are reference points, not dependencies."""
   try:
-    return importlib.import_module(f"jax.experimental.pallas.ops.gpu.{name}")
+    return importlib.import_module(path)
   except Exception as e:  # noqa: BLE001 -- a missing reference is reported, not fatal
-    print(f"  jax.experimental.pallas.ops.gpu.{name} is not available: {e}")
+    print(f"  {path} is not available: {e}")
     return None
+
+
+_JAX_GPU_KERNELS = "jax.experimental.pallas.ops.gpu"
 
 
 def _gpu_attention_candidates():
@@ -176,15 +179,13 @@ def _gpu_attention_candidates():
                                        implementation="cudnn", scale=_DQK**-0.5)
     return out[..., :_DV]
   candidates = {"cudnn (v padded to 192)": (cudnn, True)}
-  try:   # JAX's internal cuDNN call takes Dv != Dqk on Hopper with cuDNN >= 9.10
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_mla
-  except ImportError as e:
-    print(f"  JAX's internal cuDNN attention is not available: {e}")
-  else:
+  # JAX's internal cuDNN call takes Dv != Dqk on Hopper with cuDNN >= 9.10
+  cudnn_mla = _optional_module("jax._src.cudnn.fused_attention_stablehlo")
+  if cudnn_mla is not None:
     candidates["cudnn (internal API, Dv 128)"] = (
         lambda q, k, v: cudnn_mla.dot_product_attention(
             q, k, v, scale=_DQK**-0.5, mask_type=cudnn_mla.MaskType.CAUSAL), True)
-  fa3 = _jax_gpu_example("attention_mgpu")
+  fa3 = _optional_module(f"{_JAX_GPU_KERNELS}.attention_mgpu")
   if fa3 is not None:   # FlashAttention-3 on Mosaic GPU: float16 tiles, q pre-scaled, and
     # (as of JAX 0.10.2) no causal backward
     config = fa3.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
@@ -218,7 +219,7 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
       cells = _rate_cells(fwd, pallas[0], peak)
       cells += _rate_cells(step, pallas[1], peak) if has_backward else ["n/a", "-", "-"]
       rows.append([name] + cells)
-    table(f"MLA attention, causal, Dqk 192 / Dv 128, bf16, B={b} T={t} H={h}",
+    table(f"MLA attention, causal, Dqk {_DQK} / Dv {_DV}, bf16, B={b} T={t} H={h}",
           ["impl", "fwd TFLOP/s", "fwd of matmul peak", "pallas fwd speed-up",
            "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak", "pallas fwd+bwd speed-up"], rows)
 
@@ -297,12 +298,12 @@ def _gpu_gmm_candidates(lhs, rhs, grad, sizes):
   """JAX's Mosaic GPU ragged dots (gmm's and tgmm's products) at their example's tiling."""
   tiling = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
   cases = {}
-  forward = _jax_gpu_example("ragged_dot_mgpu")
+  forward = _optional_module(f"{_JAX_GPU_KERNELS}.ragged_dot_mgpu")
   if forward is not None:
     cases["gmm: JAX's Mosaic GPU ragged_dot example"] = (
         jax.jit(lambda a, w, g: forward.ragged_dot(a, w, group_sizes=g, **tiling)),
         (lhs, rhs, sizes))
-  transposed = _jax_gpu_example("transposed_ragged_dot_mgpu")
+  transposed = _optional_module(f"{_JAX_GPU_KERNELS}.transposed_ragged_dot_mgpu")
   if transposed is not None:   # per group: lhs[rows]^T @ grad[rows], tgmm's product in bf16
     cases["tgmm: JAX's Mosaic GPU transposed_ragged_dot example (bf16 out)"] = (
         jax.jit(lambda a, d, g: transposed.transposed_ragged_dot(a, d, group_sizes=g,
