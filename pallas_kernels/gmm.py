@@ -1,18 +1,21 @@
 """Grouped matmul (`gmm`) and its transpose (`tgmm`) in Pallas, after JAX's megablox.
 
-lhs [M,K] holds rows sorted by group: group g owns rows [offsets[g], offsets[g+1]). A row block
-of block_m rows may straddle group boundaries, so every kernel masks the rows outside the group
-it is working on (with `where` or masked loads, never trusting out-of-bounds padding). Two
-forms of each kernel, picked by `BlockSizes.sequential_grid`:
+lhs [M,K] holds rows sorted by group: group g owns rows [offsets[g], offsets[g+1]). Every
+kernel masks the rows outside the group it is working on (with `where` or masked loads, never
+trusting out-of-bounds padding). Two forms of each kernel, picked by `BlockSizes.sequential_grid`:
 
-- parallel (Triton on GPU; the default under interpret mode on CPU): one program per output
-  tile, so programs never share an output block and grid order does not matter. gmm's
-  (n tile, m tile) program loops over the groups its rows touch and over k; tgmm's
-  (group, k tile, n tile) program loops over its group's row blocks. Operands stay whole in
-  memory and are read with masked loads (no scalar prefetch or scratch: Triton has neither).
-- sequential (Mosaic TPU): megablox's form. Scalar-prefetched metadata maps each step of the
-  grid axis `visits` to a (group, m tile) pair; the grid runs in order and accumulates in a
-  float32 VMEM scratch, and each visit writes only its group's rows of the output block.
+- parallel (Triton on GPU; the default under interpret mode on CPU): row tiles start at their
+  group's first row, so no tile mixes groups and only a group's last tile is partly empty
+  (block_m / 2 rows per group wasted on average, against a whole extra tile per boundary when
+  tiles are aligned to block_m). gmm runs one program per (n tile, group tile), each a single
+  loop over k; tgmm's (group, k tile, n tile) program loops over its group's row tiles.
+  Operands stay whole in memory and are read with masked loads at any row offset (no scalar
+  prefetch or scratch: Triton has neither), and no two programs write the same output rows.
+- sequential (Mosaic TPU): megablox's form. Block indices must be multiples of the block, so
+  row tiles are aligned to block_m and may straddle groups. Scalar-prefetched metadata maps
+  each step of the grid axis `visits` to a (group, m tile) pair; the grid runs in order and
+  accumulates in a float32 VMEM scratch, and each visit writes only its group's rows of the
+  output block.
 """
 
 import dataclasses
@@ -69,6 +72,23 @@ def _group_offsets(group_sizes, m):
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends]).astype(jnp.int32)
 
 
+def _group_tiles(offsets, block_m, num_tiles):
+  """Parallel form's metadata: program -> (group, first row, end row) of its row tile.
+
+  Group g's rows are cut into cdiv(size_g, block_m) tiles from offsets[g] on. Programs past the
+  last tile get group G - 1 and an empty row range, so they load and store nothing.
+  """
+  sizes = offsets[1:] - offsets[:-1]
+  count = (sizes + block_m - 1) // block_m
+  cum = jnp.cumsum(count)
+  tile = jnp.arange(num_tiles, dtype=jnp.int32)
+  group = jnp.minimum(jnp.searchsorted(cum, tile, side="right"), sizes.shape[0] - 1)
+  start = offsets[group] + (tile - (cum - count)[group]) * block_m
+  start = jnp.where(tile < cum[-1], start, 0)
+  end = jnp.where(tile < cum[-1], jnp.minimum(start + block_m, offsets[group + 1]), 0)
+  return group.astype(jnp.int32), start.astype(jnp.int32), end.astype(jnp.int32)
+
+
 def _visits(offsets, m, block_m, num_visits, *, visit_empty):
   """Sequential form's metadata: grid step -> (group, m tile), in row order.
 
@@ -90,62 +110,54 @@ def _visits(offsets, m, block_m, num_visits, *, visit_empty):
 # ----------------------------------------------------------------------------------- gmm
 
 
-def _gmm_parallel_kernel(offsets_ref, group_lo_ref, group_hi_ref, lhs_ref, rhs_ref, out_ref, *,
-                         m, k, n, bm, bk, bn, transpose_rhs, dtype):
+def _gmm_parallel_kernel(group_ref, start_ref, end_ref, lhs_ref, rhs_ref, out_ref, *,
+                         k, n, bm, bk, bn, num_groups, transpose_rhs, dtype):
   n_i, t = pl.program_id(0), pl.program_id(1)
-  rows = t * bm + jnp.arange(bm)
+  g, start = group_ref[t], start_ref[t]
+  in_tile = start + jnp.arange(bm) < end_ref[t]   # this group's rows; the others load as zeros
   cols = n_i * bn + jnp.arange(bn)
 
-  def group_step(g, acc):
-    # Rows of this tile that belong to group g; the others load as zeros.
-    start, end = offsets_ref[g], offsets_ref[g + 1]
-    in_group = (rows >= start) & (rows < end)
+  def k_step(k_i, acc):
+    ks = k_i * bk + jnp.arange(bk)
+    x = pltriton.load(lhs_ref.at[pl.ds(start, bm), pl.ds(k_i * bk, bk)],
+                      mask=in_tile[:, None] & (ks < k)[None, :], other=0)
+    if transpose_rhs:   # rhs [G,N,K]: both tiles contract on their last dim
+      w = pltriton.load(rhs_ref.at[g, pl.ds(n_i * bn, bn), pl.ds(k_i * bk, bk)],
+                        mask=(cols < n)[:, None] & (ks < k)[None, :], other=0)
+    else:               # rhs [G,K,N]
+      w = pltriton.load(rhs_ref.at[g, pl.ds(k_i * bk, bk), pl.ds(n_i * bn, bn)],
+                        mask=(ks < k)[:, None] & (cols < n)[None, :], other=0)
+    dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+    return acc + jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims,
+                                     preferred_element_type=jnp.float32)
 
-    def k_step(k_i, acc):
-      ks = k_i * bk + jnp.arange(bk)
-      x = pltriton.load(lhs_ref.at[pl.ds(t * bm, bm), pl.ds(k_i * bk, bk)],
-                        mask=in_group[:, None] & (ks < k)[None, :], other=0)
-      if transpose_rhs:   # rhs [G,N,K]: both tiles contract on their last dim
-        w = pltriton.load(rhs_ref.at[g, pl.ds(n_i * bn, bn), pl.ds(k_i * bk, bk)],
-                          mask=(cols < n)[:, None] & (ks < k)[None, :], other=0)
-      else:               # rhs [G,K,N]
-        w = pltriton.load(rhs_ref.at[g, pl.ds(k_i * bk, bk), pl.ds(n_i * bn, bn)],
-                          mask=(ks < k)[:, None] & (cols < n)[None, :], other=0)
-      dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-      return acc + jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims,
-                                       preferred_element_type=jnp.float32)
-
-    # Empty groups inside the tile do no k steps. (Arithmetic, not `where` on literals, which
-    # Triton's select lowering mistypes.)
-    num_k = (end > start).astype(jnp.int32) * pl.cdiv(k, bk)
-    return jax.lax.fori_loop(0, num_k, k_step, acc)
-
-  # Groups touching this tile; rows past the last group keep zeros.
-  acc = jax.lax.fori_loop(group_lo_ref[t], group_hi_ref[t], group_step,
-                          jnp.zeros((bm, bn), jnp.float32))
-  pltriton.store(out_ref.at[pl.ds(t * bm, bm), pl.ds(n_i * bn, bn)], acc.astype(out_ref.dtype),
-                 mask=(rows < m)[:, None] & (cols < n)[None, :])
+  # The tail group (rows past the last real group) does no k steps and stores zeros.
+  # (Arithmetic, not `where` on literals, which Triton's select lowering mistypes.)
+  num_k = (g < num_groups).astype(jnp.int32) * pl.cdiv(k, bk)
+  acc = jax.lax.fori_loop(0, num_k, k_step, jnp.zeros((bm, bn), jnp.float32))
+  pltriton.store(out_ref.at[pl.ds(start, bm), pl.ds(n_i * bn, bn)], acc.astype(out_ref.dtype),
+                 mask=in_tile[:, None] & (cols < n)[None, :])
 
 
 def _gmm_parallel(lhs, rhs, offsets, bs, interpret, transpose_rhs):
   (m, k), n = lhs.shape, rhs.shape[1 if transpose_rhs else 2]
   bm, bk, bn = bs.block_m, bs.block_k, bs.block_n
-  # Range [lo, hi) of the groups whose rows intersect each m tile.
-  tile_start = jnp.arange(pl.cdiv(m, bm), dtype=jnp.int32) * bm
-  group_lo = jnp.searchsorted(offsets[1:], tile_start, side="right").astype(jnp.int32)
-  group_hi = jnp.searchsorted(offsets[:-1], jnp.minimum(tile_start + bm, m),
-                              side="left").astype(jnp.int32)
-  kernel = functools.partial(_gmm_parallel_kernel, m=m, k=k, n=n, bm=bm, bk=bk, bn=bn,
-                             transpose_rhs=transpose_rhs,
+  g = rhs.shape[0]
+  # Rows past the last group form a tail group G, whose tiles store zeros. G + 1 groups cut
+  # into group-relative tiles need at most cdiv(m, bm) + G of them.
+  offsets = jnp.concatenate([offsets, jnp.full((1,), m, jnp.int32)])
+  num_tiles = pl.cdiv(m, bm) + g
+  kernel = functools.partial(_gmm_parallel_kernel, k=k, n=n, bm=bm, bk=bk, bn=bn,
+                             num_groups=g, transpose_rhs=transpose_rhs,
                              dtype=jnp.promote_types(lhs.dtype, rhs.dtype))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-      grid=(pl.cdiv(n, bn), pl.cdiv(m, bm)),
+      grid=(pl.cdiv(n, bn), num_tiles),
       compiler_params=_compiler_params(bs, interpret, ("parallel",) * 2),
       interpret=interpret,
       name=_gmm_name(transpose_rhs),
-  )(offsets, group_lo, group_hi, lhs, rhs)
+  )(*_group_tiles(offsets, bm, num_tiles), lhs, rhs)
 
 
 def _zero_past(x, dim, limit):
@@ -238,18 +250,18 @@ def _tgmm_parallel_kernel(offsets_ref, lhs_ref, grad_ref, out_ref, *, k, n, bm, 
   ns = n_i * bn + jnp.arange(bn)
 
   def m_step(t, acc):
-    # Row block t of group g; rows of neighbouring groups load as zeros.
-    rows = t * bm + jnp.arange(bm)
-    in_group = ((rows >= start) & (rows < end))[:, None]
-    x = pltriton.load(lhs_ref.at[pl.ds(t * bm, bm), pl.ds(k_i * bk, bk)],
+    # Row tile t of group g, from the group's first row; rows of the next group load as zeros.
+    first = start + t * bm
+    in_group = (first + jnp.arange(bm) < end)[:, None]
+    x = pltriton.load(lhs_ref.at[pl.ds(first, bm), pl.ds(k_i * bk, bk)],
                       mask=in_group & (ks < k)[None, :], other=0)
-    y = pltriton.load(grad_ref.at[pl.ds(t * bm, bm), pl.ds(n_i * bn, bn)],
+    y = pltriton.load(grad_ref.at[pl.ds(first, bm), pl.ds(n_i * bn, bn)],
                       mask=in_group & (ns < n)[None, :], other=0)
     return acc + jax.lax.dot_general(x.astype(dtype), y.astype(dtype), (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)
 
-  # The group's row blocks; an empty group runs at most one, fully masked, and stores zeros.
-  acc = jax.lax.fori_loop(start // bm, pl.cdiv(end, bm), m_step, jnp.zeros((bk, bn), jnp.float32))
+  # The group's row tiles; an empty group runs none and stores zeros.
+  acc = jax.lax.fori_loop(0, pl.cdiv(end - start, bm), m_step, jnp.zeros((bk, bn), jnp.float32))
   pltriton.store(out_ref.at[g, pl.ds(k_i * bk, bk), pl.ds(n_i * bn, bn)], acc,
                  mask=(ks < k)[:, None] & (ns < n)[None, :])
 

@@ -130,6 +130,14 @@ def test_sweep_summary_names_the_fastest_config_and_skips_failures(capsys):
   assert capsys.readouterr().out.strip() == "Fastest gmm: none ran"
 
 
+def test_gmm_rows_multiplied_counts_group_relative_and_aligned_tiles():
+  """Sizes [3, 3, 0, 3] in 4-row tiles: one tile per group from its first row (12 rows), or
+  the aligned tiles each group touches, 0 | 0, 1 | 1, 2 (20 rows)."""
+  assert kernel_bench.gmm_rows_multiplied([3, 3, 0, 3], 4) == (12, 20)
+  assert kernel_bench.gmm_rows_multiplied([8, 0, 4], 4) == (12, 12)   # aligned groups: equal
+  assert kernel_bench.gmm_rows_multiplied([0, 0], 4) == (0, 0)
+
+
 def test_decode_roofline_is_compute_bound_at_128_heads_on_an_h200():
   """The decode target is judged against the roofline, not the copy bandwidth alone: with
   128 heads each 1152-byte cache entry costs 128 * 2 * (2 * 512 + 64) FLOPs, 242 FLOP/B, past

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.gmm import BlockSizes, gmm, tgmm
+from pallas_kernels.gmm import BlockSizes, _group_offsets, _group_tiles, gmm, tgmm
 
 M, K, N, G = 50, 40, 24, 6   # with 16-blocks every dim has a tail
 
@@ -113,3 +113,25 @@ def test_block_sizes_per_platform():
   tpu = BlockSizes.for_platform("tpu")
   assert tpu.sequential_grid and tpu.block_m % 8 == 0
   assert tpu.block_k % 128 == 0 and tpu.block_n % 128 == 0
+
+
+@pytest.mark.parametrize("sizes", GROUP_SIZES)
+def test_parallel_tiles_cover_every_row_once_within_one_group(sizes):
+  """The GPU form's row tiles: each lies inside one group (the tail of unrouted rows is group
+  G), together they cover the M rows exactly once (no two programs store the same row), and
+  there is one per cdiv(size, block_m) of every group."""
+  bm = 16
+  offsets = _group_offsets(jnp.array(sizes, jnp.int32), M)
+  offsets = jnp.concatenate([offsets, jnp.full((1,), M, jnp.int32)])
+  num_tiles = -(-M // bm) + G
+  group, start, end = map(np.asarray, _group_tiles(offsets, bm, num_tiles))
+  offsets = np.asarray(offsets)
+  covered = np.zeros(M, int)
+  for g, lo, hi in zip(group, start, end):
+    assert 0 <= g <= G and hi - lo <= bm
+    if hi > lo:
+      assert offsets[g] <= lo and hi <= offsets[g + 1]
+      covered[lo:hi] += 1
+  assert covered.tolist() == [1] * M
+  real_sizes = np.diff(offsets)
+  assert np.sum(end > start) == np.sum(-(-real_sizes // bm))
