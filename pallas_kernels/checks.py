@@ -3,8 +3,10 @@
 A kernel and its reference call the same check, so both reject bad input with one
 `ValueError` that names the kernel, the operand and the shapes. A mismatched operand would
 otherwise compute silently wrong numbers (Pallas reads blocks by the shapes it is given) or
-fail deep inside a trace. Only static properties are checked. Values (lengths, group sizes)
-follow each kernel's documented clamping.
+fail deep inside a trace, and integer activations would come out as integer garbage. Only
+static properties are checked. Values (lengths, group sizes) follow each kernel's documented
+clamping. Floating operands may mix dtypes: the products run in their promoted dtype and the
+output takes the first operand's.
 """
 
 import jax.numpy as jnp
@@ -26,11 +28,18 @@ def _integer(kernel: str, name: str, x) -> None:
     _fail(kernel, f"{name} must be integers; got {x.dtype}")
 
 
+def _floating(kernel: str, **operands) -> None:
+  for name, x in operands.items():
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+      _fail(kernel, f"{name} must be floating point; got {x.dtype}")
+
+
 def attention(q, k, v, segment_ids) -> None:
   """q [B,T,H,Dqk], k [B,S,H,Dqk], v [B,S,H,Dv], segment_ids None or [B,T] integers (T == S);
   T and S at least 1."""
   kernel = "mla_attention"
   _ranks(kernel, q=(q, "[B,T,H,Dqk]"), k=(k, "[B,S,H,Dqk]"), v=(v, "[B,S,H,Dv]"))
+  _floating(kernel, q=q, k=k, v=v)
   b, t, h, d_qk = q.shape
   s = k.shape[1]
   if k.shape != (b, s, h, d_qk) or v.shape[:3] != (b, s, h):
@@ -64,6 +73,7 @@ def decode(q_latent, q_rope, kv_latent, k_rope, lengths) -> None:
                   f"Dc={dc}, Dr={dr}): " + "; ".join(bad))
   if s == 0:
     _fail(kernel, f"needs a cache of at least one entry; kv_latent is {kv_latent.shape}")
+  _floating(kernel, q_latent=q_latent, q_rope=q_rope, kv_latent=kv_latent, k_rope=k_rope)
   _integer(kernel, "lengths", lengths)
 
 
@@ -74,6 +84,7 @@ def route(logits, bias, *, top_k: int, n_group: int, topk_group: int, score_fn: 
   if score_fn not in ("sigmoid", "softmax"):
     _fail(kernel, f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
   _ranks(kernel, logits=(logits, "[N,E]"))
+  _floating(kernel, logits=logits, bias=bias)
   e = logits.shape[1]
   if bias is not None and bias.shape != (e,):
     _fail(kernel, f"bias must be [E] = ({e},) for logits {logits.shape}; got {bias.shape}")
@@ -97,6 +108,7 @@ def gmm(lhs, rhs, group_sizes) -> None:
   if rhs.shape[1] != lhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
     _fail(kernel, f"expected rhs [G,K={lhs.shape[1]},N] and group_sizes [G] for lhs "
                   f"{lhs.shape}; got rhs {rhs.shape} and group_sizes {group_sizes.shape}")
+  _floating(kernel, lhs=lhs, rhs=rhs)
   _integer(kernel, "group_sizes", group_sizes)
 
 
@@ -106,4 +118,5 @@ def tgmm(lhs, grad, group_sizes) -> None:
   _ranks(kernel, lhs=(lhs, "[M,K]"), grad=(grad, "[M,N]"), group_sizes=(group_sizes, "[G]"))
   if grad.shape[0] != lhs.shape[0]:
     _fail(kernel, f"grad must be [M={lhs.shape[0]},N] like lhs {lhs.shape}; got {grad.shape}")
+  _floating(kernel, lhs=lhs, grad=grad)
   _integer(kernel, "group_sizes", group_sizes)

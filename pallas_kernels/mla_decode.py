@@ -77,7 +77,8 @@ class MlaDecodeBlockSizes:
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
       if jnp.dtype(dtype).itemsize >= 4:   # float32: 16 x 16 heads on 8 warps spill nothing
         return cls(block_s=16, block_h=16, min_heads=16, min_programs=264, num_warps=8)
-      return cls(block_s=64, block_h=64, min_heads=16, min_programs=264, num_warps=8)
+      # H200 sweep 2026-12-04: 4 programs per SM beat 2 (1.04x at 128 heads, 1.12x at 16).
+      return cls(block_s=64, block_h=64, min_heads=16, min_programs=528, num_warps=8)
     if backend == "tpu":   # kv block [512, 512] bf16, double-buffered in VMEM; not tuned
       return cls(block_s=512, min_heads=8, sequential_grid=True)
     return cls()

@@ -9,6 +9,7 @@ import pytest
 
 from pallas_kernels import reference
 from pallas_kernels.gmm import BlockSizes, _group_offsets, _group_tiles, gmm, tgmm
+import tpu_rules
 
 M, K, N, G = 50, 40, 24, 6   # with 16-blocks every dim has a tail
 
@@ -104,11 +105,26 @@ def test_tgmm(form):
       assert not np.any(np.asarray(out)[np.asarray(sizes) == 0])   # empty groups: zeros
 
 
+def test_tgmm_k_tile_tunes_apart_from_gmm():
+  """tgmm_block_k tiles tgmm's output rows (32 over K = 40: a tail) while gmm and its input
+  gradient keep block_k 16; the gradient through gmm is still exact."""
+  bs = BlockSizes(16, 16, 16, tgmm_block_k=32)
+  lhs, rhs, cot = _operands(M, K, N, G, jnp.float32, seed=3)
+  sizes = jnp.array(GROUP_SIZES[0], jnp.int32)
+  grads = jax.grad(lambda a, w: jnp.sum(gmm(a, w, sizes, block_sizes=bs) * cot), argnums=(0, 1))
+  grids = {tpu_rules.kernel_name(eqn): eqn.params["grid_mapping"].grid
+           for eqn in tpu_rules.pallas_calls(grads, lhs, rhs)}
+  assert grids["tgmm"] == (G, 2, 2)                   # K tiles of 32, N tiles of 16
+  assert set(grids) == {"gmm", "gmm_rhs_t", "tgmm"}
+  with jax.default_matmul_precision("highest"):
+    _check_fwd_and_vjp(bs, lhs, rhs, cot, GROUP_SIZES[:2])
+
+
 def test_block_sizes_per_platform():
   assert BlockSizes.for_platform("cpu") == BlockSizes(16, 16, 16)
   for name in ("gpu", "tpu"):
     bs = BlockSizes.for_platform(name)
-    for b in (bs.block_m, bs.block_k, bs.block_n):
+    for b in (bs.block_m, bs.block_k, bs.block_n, bs.tgmm_block_k or bs.block_k):
       assert b >= 16 and b & (b - 1) == 0   # Triton: powers of two, dot dims >= 16
   tpu = BlockSizes.for_platform("tpu")
   assert tpu.sequential_grid and tpu.block_m % 8 == 0

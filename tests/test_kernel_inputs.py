@@ -1,7 +1,8 @@
 """Bad operands are refused by every kernel and its reference alike, with a ValueError that
 names the kernel and the operand, before anything is traced. Without the checks, several of
 these computed silently wrong numbers (a decode cache narrower than the query, gmm weights
-with the wrong K, fewer group sizes than groups) or failed deep inside a trace."""
+with the wrong K, fewer group sizes than groups), returned integer garbage for integer
+activations, or failed deep inside a trace."""
 
 import jax.numpy as jnp
 import pytest
@@ -40,6 +41,7 @@ CASES = [
     ("mla_attention", attention(segment_ids=jnp.zeros((B, 8), jnp.int32)),
      r"segment_ids must be \[B,T\] = \(2, 16\); got \(2, 8\)"),
     ("mla_attention", attention(segment_ids=jnp.zeros((B, T))), "segment_ids must be integers"),
+    ("mla_attention", attention(k=K.astype(jnp.int32)), "k must be floating point; got int32"),
     ("mla_decode", decode(kv_latent=KV[..., :256]),
      r"mla_decode: .*kv_latent must be \(2, 32, 512\), got \(2, 32, 256\)"),
     ("mla_decode", decode(kv_latent=jnp.zeros((3, S, 512)), k_rope=jnp.zeros((3, S, 64))),
@@ -48,6 +50,7 @@ CASES = [
     ("mla_decode", decode(lengths=LENGTHS[:1]), r"lengths must be \(2,\), got \(1,\)"),
     ("mla_decode", decode(lengths=jnp.ones((B,))), "lengths must be integers"),
     ("mla_decode", decode(kv_latent=KV[None]), r"kv_latent must be \[B,S,Dc\]"),
+    ("mla_decode", decode(q_rope=QR.astype(jnp.int8)), "q_rope must be floating point"),
     ("moe_route", route(bias=jnp.zeros((7,))), r"bias must be \[E\] = \(8,\) .* got \(7,\)"),
     ("moe_route", route(top_k=9), r"top_k must be in \[1, 8\]"),
     ("moe_route", route(top_k=5, n_group=4, topk_group=2), r"top_k must be in \[1, 4\]"),
@@ -56,14 +59,19 @@ CASES = [
     ("moe_route", route(n_group=3), "8 experts do not split into 3 groups"),
     ("moe_route", route(score_fn="relu"), "score_fn must be 'sigmoid' or 'softmax'"),
     ("moe_route", route(logits=LOGITS[0]), r"logits must be \[N,E\]"),
+    ("moe_route", route(bias=jnp.zeros((8,), jnp.int32)), "bias must be floating point"),
     ("gmm", dict(lhs=LHS, rhs=RHS[:, :8], group_sizes=SIZES), r"gmm: expected rhs \[G,K=16,N\]"),
     ("gmm", dict(lhs=LHS, rhs=RHS, group_sizes=SIZES[:2]), r"group_sizes \(2,\)"),
     ("gmm", dict(lhs=LHS, rhs=RHS, group_sizes=SIZES.astype(jnp.float32)),
      "group_sizes must be integers"),
+    ("gmm", dict(lhs=LHS.astype(jnp.int32), rhs=RHS, group_sizes=SIZES),
+     "gmm: lhs must be floating point; got int32"),
     ("tgmm", dict(lhs=LHS, grad=jnp.zeros((9, 8)), group_sizes=SIZES),
      r"tgmm: grad must be \[M=10,N\] .* got \(9, 8\)"),
     ("tgmm", dict(lhs=LHS, grad=jnp.zeros((10, 8)), group_sizes=SIZES[None]),
      r"group_sizes must be \[G\]"),
+    ("tgmm", dict(lhs=LHS, grad=jnp.zeros((10, 8), jnp.int32), group_sizes=SIZES),
+     "tgmm: grad must be floating point"),
 ]
 
 
@@ -85,3 +93,6 @@ def test_well_formed_operands_pass(impl):
   assert weights.shape == experts.shape == (4, 3)
   assert module.gmm(LHS, RHS, SIZES).shape == (10, 8)
   assert module.tgmm(LHS, jnp.zeros((10, 8)), SIZES).shape == (3, 16, 8)
+  # Floating dtypes may mix; the output takes the first operand's.
+  assert module.gmm(LHS.astype(jnp.bfloat16), RHS, SIZES).dtype == jnp.bfloat16
+  assert module.mla_attention(**attention(q=Q.astype(jnp.bfloat16))).dtype == jnp.bfloat16

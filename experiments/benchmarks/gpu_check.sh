@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (fits in ~8 minutes on an H200): every Pallas kernel compiled (not
 # interpreted) against its pure-jnp reference, then throughput tables against XLA, cuDNN and
-# the measured matmul / copy ceilings, then block-size sweeps of each kernel (at most 5.5 + 2.5
+# the measured matmul / copy ceilings, then block-size sweeps of each kernel (at most 5 + 3
 # minutes; the exit status is the correctness check's). Needs only jax (no grain). Tables go to
 # stdout and, when $OUT is set (the device tool), to $OUT/kernel_bench.md.
 #   bash experiments/benchmarks/gpu_check.sh            # on the GPU machine
@@ -20,9 +20,9 @@ if [[ " $* " != *" --smoke "* ]]; then
 else
   export JAX_PLATFORMS=cpu
 fi
-timeout "${BENCH_TIMEOUT:-330}" "$PY" experiments/benchmarks/kernel_bench.py "$@" 2>&1 | tee -a "$out/kernel_bench.md"
+timeout "${BENCH_TIMEOUT:-300}" "$PY" experiments/benchmarks/kernel_bench.py "$@" 2>&1 | tee -a "$out/kernel_bench.md"
 status=${PIPESTATUS[0]}
 # Block-size sweeps, the data for tuning the GPU defaults: own time limit, never the verdict.
-timeout "${SWEEP_TIMEOUT:-150}" "$PY" experiments/benchmarks/kernel_bench.py --only_sweep "$@" 2>&1 \
+timeout "${SWEEP_TIMEOUT:-180}" "$PY" experiments/benchmarks/kernel_bench.py --only_sweep "$@" 2>&1 \
   | tee -a "$out/kernel_bench.md"
 exit "$status"

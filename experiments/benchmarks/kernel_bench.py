@@ -35,14 +35,21 @@ from pallas_kernels.mla_decode import MlaDecodeBlockSizes
 BF16 = jnp.bfloat16
 
 
-def timed(fn, *args, iters: int) -> float:
-  """Median wall seconds of a compiled call (after one warm-up)."""
+def timed(fn, *args, iters: int, sample_seconds: float = 0.02) -> float:
+  """Median wall seconds of a compiled call (after one warm-up) over `iters` samples. A
+  sample times back-to-back calls lasting about `sample_seconds`, so that launch and sync
+  latency does not count against sub-millisecond kernels."""
   jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  calls = max(1, round(sample_seconds / (time.perf_counter() - start)))
   times = []
   for _ in range(iters):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls)
   return statistics.median(times)
 
 
@@ -63,14 +70,22 @@ def max_rel_err(a, b) -> float:
 # --- ceilings -----------------------------------------------------------------------------
 
 
-def ceilings(n: int, copy_mib: int, iters: int) -> tuple[float, float]:
+def warm_up(fn, *args, seconds: float) -> None:
+  """Calls fn for about `seconds`, so that a GPU has left its idle clock before timing."""
+  end = time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    jax.block_until_ready(fn(*args))
+
+
+def ceilings(n: int, copy_mib: int, iters: int, warm_seconds: float) -> tuple[float, float]:
   a = jax.random.normal(jax.random.key(0), (n, n), BF16)
   matmul = jax.jit(lambda x, y: x @ y)
-  t = timed(matmul, a, a, iters=iters)
+  warm_up(matmul, a, a, seconds=warm_seconds)
+  t = timed(matmul, a, a, iters=5 * iters)
   flops = 2 * n**3 / t
   x = jnp.ones((copy_mib * 2**20 // 4,), jnp.float32)
   copy = jax.jit(lambda v: v * 1.0)
-  t = timed(copy, x, iters=iters)
+  t = timed(copy, x, iters=5 * iters)
   bandwidth = 2 * x.nbytes / t                       # read + write
   table("Measured ceilings", ["what", "value"],
         [[f"bf16 matmul {n}^3", f"{flops / 1e12:.1f} TFLOP/s"],
@@ -146,9 +161,10 @@ def _attention_operands(b, t, h):
   return (q, kk, v), ct, (pairs * (_DQK + _DV), pairs * (4 * _DQK + 3 * _DV))
 
 
-def _train_step(attn, ct):
-  """jit of (q, k, v) -> (dq, dk, dv) of sum(attn * ct): the forward and the backward."""
-  def loss(q, k, v):
+def _train_step(attn):
+  """jit of (q, k, v, ct) -> (dq, dk, dv) of sum(attn * ct): the forward and the backward.
+  ct is an argument: closed over, it became a constant that XLA spent minutes folding."""
+  def loss(q, k, v, ct):
     return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
@@ -213,7 +229,7 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
     for name, (attn, has_backward) in candidates.items():   # pallas first: the speed-ups
       what = f"{name} at B={b} T={t} H={h}"
       fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
-      step = (_rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd")
+      step = (_rate(flops_step, _train_step(attn), (*args, ct), iters, what + " fwd+bwd")
               if has_backward else None)
       pallas = pallas or (fwd, step)
       cells = _rate_cells(fwd, pallas[0], peak)
@@ -381,7 +397,7 @@ def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) ->
     what = _fields(bs, ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps",
                         "num_stages"))
     fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
-    step = _rate(flops_step, _train_step(attn, ct), args, iters, what + " fwd+bwd")
+    step = _rate(flops_step, _train_step(attn), (*args, ct), iters, what + " fwd+bwd")
     rows.append([what] + [x / 1e12 if x is not None else "failed" for x in (fwd, step)]
                 + [step / peak if step is not None else "-"])
     seconds.append(flops_step / step if step is not None else None)
@@ -415,7 +431,8 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
   dense = flops / timed(jax.jit(lambda a, w: a @ w), lhs, rhs[0], iters=iters)
   rows, seconds = [], []
   for bs in configs:
-    what = _fields(bs, ("block_m", "block_k", "block_n", "num_warps", "num_stages"))
+    what = _fields(bs, ("block_m", "block_k", "block_n", "tgmm_block_k", "num_warps",
+                        "num_stages"))
     rates = [_rate(flops, jax.jit(functools.partial(fn, interpret=interpret, block_sizes=bs)),
                    args, iters, f"{name} {what}")
              for name, fn, args in (("gmm", pk.gmm, (lhs, rhs, sizes)),
@@ -451,17 +468,31 @@ def sweep_configs(backend: str, dtype=jnp.bfloat16):
       [decode,
        r(decode, block_s=32), r(decode, block_h=32, block_s=32),
        r(decode, block_h=32, num_warps=4), r(decode, block_h=16, num_warps=4),
-       r(decode, min_programs=132), r(decode, min_programs=528), r(decode, block_h=32)],
+       r(decode, min_programs=264), r(decode, min_programs=1056), r(decode, block_h=32)],
       [gmm,
        r(gmm, block_k=128), r(gmm, block_k=128, num_stages=2),
        r(gmm, block_m=64, num_warps=4, num_stages=4),
-       r(gmm, block_k=32, num_warps=4, num_stages=4), r(gmm, block_m=256, block_k=32)])
+       r(gmm, block_k=32, num_warps=4, num_stages=4), r(gmm, block_m=256, block_k=32),
+       r(gmm, tgmm_block_k=None)])
+
+
+def _shapes(text: str, rank: int) -> list[tuple[int, ...]]:
+  """'4x4096x128,1x16384x16' -> [(4, 4096, 128), (1, 16384, 16)]; each of `rank` sizes."""
+  shapes = [tuple(int(d) for d in item.split("x")) for item in filter(None, text.split(","))]
+  for shape in shapes:
+    if len(shape) != rank:
+      raise SystemExit(f"kernel_bench: a shape needs {rank} sizes joined by 'x', got {shape}")
+  return shapes
 
 
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode on CPU")
-  parser.add_argument("--skip", default="", help="comma list of: attention,decode,gmm")
+  parser.add_argument("--skip", default="",
+                      help="comma list of: correctness,attention,decode,gmm")
+  for kernel, dims in (("attention", "BxTxH"), ("decode", "BxSxH"), ("gmm", "MxKxNxG")):
+    parser.add_argument(f"--{kernel}_shapes", default="",
+                        help=f"comma list of {dims} to time instead of the built-in shapes")
   parser.add_argument("--sweep", action="store_true",
                       help="after the tables, block-size sweeps of the three kernels")
   parser.add_argument("--only_sweep", action="store_true",
@@ -483,11 +514,15 @@ def main() -> int:
     # (4096 tokens x top-6 of 64), the shape measured on 2026-11-28.
     gmm_shapes = [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32), (16384, 7168, 2048, 8),
                   (24576, 2048, 1408, 64)]
-  peak, bandwidth = ceilings(peak_n, copy_mib, iters)
+  attn_shapes = _shapes(args.attention_shapes, 3) or attn_shapes
+  decode_shapes = _shapes(args.decode_shapes, 3) or decode_shapes
+  gmm_shapes = _shapes(args.gmm_shapes, 4) or gmm_shapes
+  peak, bandwidth = ceilings(peak_n, copy_mib, iters, warm_seconds=0.0 if interpret else 2.0)
   ok = True
   if not args.only_sweep:
-    rows = check_correctness(interpret)
-    ok = all(row[-1] for row in rows)
+    if "correctness" not in skip:
+      rows = check_correctness(interpret)
+      ok = all(row[-1] for row in rows)
     # Attention last: it compiles the most, so a time limit cuts its last shapes only.
     if "decode" not in skip:
       bench_decode(decode_shapes, peak, bandwidth, iters, interpret)
@@ -496,14 +531,15 @@ def main() -> int:
     if "attention" not in skip:
       bench_attention(attn_shapes, peak, iters, interpret)
   if args.sweep or args.only_sweep:
+    # Attention last again: its configs compile the longest.
     attention, decode, gmm = sweep_configs("interpret" if interpret else jax.default_backend())
-    if "attention" not in skip:
-      sweep_attention(attn_shapes[0], attention, peak, iters, interpret)
-    if "decode" not in skip:
-      sweep_decode(decode_shapes[1 % len(decode_shapes)], decode, peak, bandwidth, iters,
-                   interpret)
+    if "decode" not in skip:   # compute-bound 128 heads, then memory-bound 16 heads
+      for shape in dict.fromkeys((decode_shapes[1 % len(decode_shapes)], decode_shapes[-1])):
+        sweep_decode(shape, decode, peak, bandwidth, iters, interpret)
     if "gmm" not in skip:
       sweep_gmm(gmm_shapes[0], gmm, iters, interpret)
+    if "attention" not in skip:
+      sweep_attention(attn_shapes[0], attention, peak, iters, interpret)
   return 0 if ok else 1
 
 
