@@ -6,7 +6,7 @@ otherwise compute silently wrong numbers (Pallas reads blocks by the shapes it i
 fail deep inside a trace, and integer activations would come out as integer garbage. Only
 static properties are checked. Values (lengths, group sizes) follow each kernel's documented
 clamping. Floating operands may mix dtypes: the products run in their promoted dtype and the
-output takes the first operand's.
+output takes the first operand's (tgmm's is always float32).
 """
 
 import jax.numpy as jnp

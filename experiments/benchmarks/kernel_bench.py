@@ -478,11 +478,12 @@ def sweep_configs(backend: str, dtype=jnp.bfloat16):
 
 def _shapes(text: str, rank: int) -> list[tuple[int, ...]]:
   """'4x4096x128,1x16384x16' -> [(4, 4096, 128), (1, 16384, 16)]; each of `rank` sizes."""
-  shapes = [tuple(int(d) for d in item.split("x")) for item in filter(None, text.split(","))]
-  for shape in shapes:
-    if len(shape) != rank:
-      raise SystemExit(f"kernel_bench: a shape needs {rank} sizes joined by 'x', got {shape}")
-  return shapes
+  items = list(filter(None, text.split(",")))
+  for item in items:
+    if len(item.split("x")) != rank or not all(d.isdigit() for d in item.split("x")):
+      raise SystemExit(f"kernel_bench: a shape is {rank} whole numbers joined by 'x', "
+                       f"got {item!r}")
+  return [tuple(int(d) for d in item.split("x")) for item in items]
 
 
 def main() -> int:
