@@ -179,3 +179,13 @@ def test_shape_flags_parse_and_refuse_malformed_shapes():
     kernel_bench._shapes("1x2x3", 4)
   with pytest.raises(SystemExit, match="got '4xTx2'"):
     kernel_bench._shapes("4xTx2", 3)
+
+
+def test_decode_sweep_times_each_distinct_tiling_once():
+  """At 16 heads, block_h 16, 32 and 64 are the same program: the sweep times it once (the
+  default first); at 128 heads every config is distinct."""
+  decode = kernel_bench.sweep_configs("gpu")[1]
+  assert kernel_bench.distinct_decode_tilings(decode, 128) == decode
+  sixteen = kernel_bench.distinct_decode_tilings(decode, 16)
+  assert sixteen[0] == decode[0] and len(sixteen) == 5
+  assert len({(bs.block_s, bs.min_programs, bs.num_warps) for bs in sixteen}) == 5

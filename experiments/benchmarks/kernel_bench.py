@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 import numpy as np
 
 import pallas_kernels as pk
@@ -406,11 +407,22 @@ def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) ->
   fastest("attention (fwd+bwd)", configs, seconds)
 
 
+def distinct_decode_tilings(configs, heads: int) -> list[MlaDecodeBlockSizes]:
+  """configs in order, less those that tile `heads` like an earlier one: with few heads,
+  every block_h at or past the padded head count is one program per row's heads."""
+  effective = {}
+  for bs in configs:
+    h_pad = max(pl.next_power_of_2(heads), bs.min_heads)
+    effective.setdefault(dataclasses.replace(bs, block_h=min(bs.block_h or h_pad, h_pad)), bs)
+  return list(effective.values())
+
+
 def sweep_decode(shape, configs, peak: float, bandwidth: float, iters: int,
                  interpret: bool) -> None:
   b, s, h = shape
   args, nbytes = _decode_operands(b, s, h)
   attainable, bound = decode_roofline(b, s, h, peak, bandwidth)
+  configs = distinct_decode_tilings(configs, h)
   rows, seconds = [], []
   for bs in configs:
     what = _fields(bs, ("block_s", "block_h", "min_programs", "num_warps", "num_stages"))
