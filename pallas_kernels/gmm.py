@@ -47,6 +47,10 @@ class BlockSizes:
   num_warps: int | None = None    # Triton only
   num_stages: int | None = None   # Triton only
 
+  def for_tgmm(self) -> "BlockSizes":
+    """The tiling tgmm runs with: its K tile from tgmm_block_k when set."""
+    return dataclasses.replace(self, block_k=self.tgmm_block_k or self.block_k)
+
   @classmethod
   def for_platform(cls, name: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
     name = name or platform.backend()
@@ -350,7 +354,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None, block_sizes: BlockSizes | No
   """
   checks.tgmm(lhs, grad, group_sizes)
   bs = block_sizes or BlockSizes.for_platform(platform.target(interpret), lhs.dtype)
-  bs = dataclasses.replace(bs, block_k=bs.tgmm_block_k or bs.block_k)
+  bs = bs.for_tgmm()
   offsets = _group_offsets(group_sizes, lhs.shape[0])
   impl = _tgmm_sequential if bs.sequential_grid else _tgmm_parallel
   return impl(lhs, grad, offsets, bs, platform.resolve_interpret(interpret))

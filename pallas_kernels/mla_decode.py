@@ -70,6 +70,11 @@ class MlaDecodeBlockSizes:
     platform.require_powers_of_two("mla_decode", block_s=self.block_s, block_h=self.block_h,
                                    min_heads=self.min_heads)
 
+  def head_tiling(self, heads: int) -> tuple[int, int]:
+    """(padded head count, heads per program) for `heads` query heads."""
+    h_pad = max(pl.next_power_of_2(heads), self.min_heads)
+    return h_pad, min(h_pad, self.block_h or h_pad)
+
   @classmethod
   def get_default(cls, backend: str | None = None,
                   dtype=jnp.bfloat16) -> "MlaDecodeBlockSizes":
@@ -211,8 +216,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   backend = platform.target(interpret)
   bs = block_sizes or MlaDecodeBlockSizes.get_default(backend, q_latent.dtype)
 
-  h_pad = max(pl.next_power_of_2(h), bs.min_heads)
-  block_h = min(h_pad, bs.block_h or h_pad)
+  h_pad, block_h = bs.head_tiling(h)
   num_head_blocks = h_pad // block_h
   if h_pad != h:
     q_latent = jnp.pad(q_latent, ((0, 0), (0, h_pad - h), (0, 0)))

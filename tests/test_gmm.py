@@ -124,7 +124,7 @@ def test_block_sizes_per_platform():
   assert BlockSizes.for_platform("cpu") == BlockSizes(16, 16, 16)
   for name in ("gpu", "tpu"):
     bs = BlockSizes.for_platform(name)
-    for b in (bs.block_m, bs.block_k, bs.block_n, bs.tgmm_block_k or bs.block_k):
+    for b in (bs.block_m, bs.block_k, bs.block_n, bs.for_tgmm().block_k):
       assert b >= 16 and b & (b - 1) == 0   # Triton: powers of two, dot dims >= 16
   tpu = BlockSizes.for_platform("tpu")
   assert tpu.sequential_grid and tpu.block_m % 8 == 0

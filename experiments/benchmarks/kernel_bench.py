@@ -23,7 +23,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 import numpy as np
 
 import pallas_kernels as pk
@@ -412,8 +411,7 @@ def distinct_decode_tilings(configs, heads: int) -> list[MlaDecodeBlockSizes]:
   every block_h at or past the padded head count is one program per row's heads."""
   effective = {}
   for bs in configs:
-    h_pad = max(pl.next_power_of_2(heads), bs.min_heads)
-    effective.setdefault(dataclasses.replace(bs, block_h=min(bs.block_h or h_pad, h_pad)), bs)
+    effective.setdefault(dataclasses.replace(bs, block_h=bs.head_tiling(heads)[1]), bs)
   return list(effective.values())
 
 
@@ -492,12 +490,14 @@ def sweep_configs(backend: str, dtype=jnp.bfloat16):
 
 def _shapes(text: str, rank: int) -> list[tuple[int, ...]]:
   """'4x4096x128,1x16384x16' -> [(4, 4096, 128), (1, 16384, 16)]; each of `rank` sizes."""
-  items = list(filter(None, text.split(",")))
-  for item in items:
-    if len(item.split("x")) != rank or not all(d.isdigit() for d in item.split("x")):
+  shapes = []
+  for item in filter(None, text.split(",")):
+    dims = item.split("x")
+    if len(dims) != rank or not all(d.isdigit() for d in dims):
       raise SystemExit(f"kernel_bench: a shape is {rank} whole numbers joined by 'x', "
                        f"got {item!r}")
-  return [tuple(int(d) for d in item.split("x")) for item in items]
+    shapes.append(tuple(map(int, dims)))
+  return shapes
 
 
 def main() -> int:
