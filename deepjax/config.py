@@ -15,15 +15,26 @@ from typing import Any
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+# Per-layer kinds the model is built from (deepjax.model.block); V2 and V3 are configurations of
+# one model: every layer `mla`, its MLP `dense` or `moe`, a `plain` residual. The sequels add
+# kinds here: `dsa` attention (V3.2), `sliding` / `csa` / `hca` attention, `hash_moe` and the
+# `mhc` residual (V4).
+ATTENTION_KINDS = ("mla",)
+MLP_KINDS = ("dense", "moe")
+RESIDUAL_KINDS = ("plain",)
 ATTENTION_IMPLS = ("xla", "pallas")
+ROUTER_IMPLS = ("xla", "pallas")
 # moe_impl: "blocked" is the fast exact path on CPU (block-padded batched matmuls; the tiny and
 # small presets use it); ragged_dot and pallas use grouped matmuls (XLA:CPU runs ragged_dot as
 # densely as "dense"); dense runs every expert on every token.
 MOE_IMPLS = ("dense", "ragged_dot", "pallas", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# deepjax fields: not part of transformers' config.json.
-DEEPJAX_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "moe_capacity_factor")
+
+def _deepjax(default, *, impl: bool = False):
+  """A deepjax field: not part of transformers' config.json. impl: it picks how the model is
+  computed, not what it computes (a workdir may resume under another choice)."""
+  return dataclasses.field(default=default, metadata={"deepjax": True, "impl": impl})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +78,14 @@ class ModelConfig:
   eos_token_id: int | None = 1
   pad_token_id: int | None = None
   # deepjax
-  dtype: str = "float32"                       # compute dtype; norms/softmax/router stay float32
-  param_dtype: str = "float32"
-  attention_impl: str = "xla"
-  moe_impl: str = "ragged_dot"
+  dtype: str = _deepjax("float32")             # compute dtype; norms/softmax/router stay float32
+  param_dtype: str = _deepjax("float32")
+  attention_impl: str = _deepjax("xla", impl=True)
+  moe_impl: str = _deepjax("ragged_dot", impl=True)      # the experts' dispatch
+  router_impl: str = _deepjax("xla", impl=True)          # xla: model/router.py; pallas: fused
   # Expert parallelism only: None exchanges tokens dropless; c > 0 gives each device pair
-  # c * (its fair share) slots per step and drops the copies beyond (deepjax.model.expert_parallel).
-  moe_capacity_factor: float | None = None
+  # c * (its fair share) slots per step and drops the copies beyond (deepjax.parallel.expert_parallel).
+  moe_capacity_factor: float | None = _deepjax(None)
 
   def __hash__(self):
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -102,6 +114,33 @@ class ModelConfig:
     """MoE from `first_k_dense_replace` on, every `moe_layer_freq`-th layer (MTP blocks too)."""
     return (self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
             and layer % self.moe_layer_freq == 0)
+
+  # --- per-layer kinds (layer index l: main layers 0..L-1, then MTP block k at L + k - 1) ----
+
+  def attention_kind(self, layer: int) -> str:
+    del layer
+    return "mla"
+
+  def mlp_kind(self, layer: int) -> str:
+    return "moe" if self.is_moe_layer(layer) else "dense"
+
+  @property
+  def residual_kind(self) -> str:
+    return "plain"
+
+  @property
+  def num_layers_with_mtp(self) -> int:
+    return self.num_hidden_layers + self.num_nextn_predict_layers
+
+  @property
+  def layer_types(self) -> tuple[str, ...]:
+    """Attention kind per layer, MTP blocks included (transformers' `layer_types`)."""
+    return tuple(self.attention_kind(l) for l in range(self.num_layers_with_mtp))
+
+  @property
+  def mlp_layer_types(self) -> tuple[str, ...]:
+    """MLP kind per layer, MTP blocks included (transformers' `mlp_layer_types`)."""
+    return tuple(self.mlp_kind(l) for l in range(self.num_layers_with_mtp))
 
   @property
   def num_moe_layers(self) -> int:
@@ -147,6 +186,7 @@ class ModelConfig:
     choice("scoring_func", ("sigmoid", "softmax"))
     choice("attention_impl", ATTENTION_IMPLS)
     choice("moe_impl", MOE_IMPLS)
+    choice("router_impl", ROUTER_IMPLS)
     choice("dtype", DTYPES)
     choice("param_dtype", DTYPES)
     if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
@@ -228,6 +268,16 @@ class ModelConfig:
     return tuple(f.name for f in dataclasses.fields(cls))
 
   @classmethod
+  def deepjax_fields(cls) -> tuple[str, ...]:
+    """deepjax's own fields, left out of transformers' config.json."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("deepjax"))
+
+  @classmethod
+  def impl_fields(cls) -> tuple[str, ...]:
+    """Fields that choose an implementation (kernel or XLA path), not the model."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("impl"))
+
+  @classmethod
   def from_hf(cls, config: dict[str, Any], **overrides) -> ModelConfig:
     """Reads a DeepseekV2/V3 `config.json` dict; unknown keys are ignored, deepjax fields kept."""
     c = dict(config)
@@ -265,7 +315,7 @@ class ModelConfig:
 
   def to_hf(self) -> dict[str, Any]:
     """A config.json dict for transformers' DeepseekV2/V3 (hub field names)."""
-    out = {f: getattr(self, f) for f in self.fields() if f not in DEEPJAX_FIELDS}
+    out = {f: getattr(self, f) for f in self.fields() if f not in self.deepjax_fields()}
     out["architectures"] = ["DeepseekV3ForCausalLM" if self.is_v3 else "DeepseekV2ForCausalLM"]
     out["torch_dtype"] = self.param_dtype
     out["num_experts_per_tok"] = self.num_experts_per_tok
