@@ -12,7 +12,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from deepjax.parallel.plan import plan
+from deepjax.memory_plan import plan
 from deepjax.train import resolve
 
 _DEVICES = flags.DEFINE_integer("devices", 256, "Number of accelerator chips in the run.")

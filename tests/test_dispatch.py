@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import deepjax as dj
+import pallas_kernels.dispatch
 from deepjax.model import dispatch
 from deepjax.model.experts import RoutedExperts
 from hf_reference import SMALL_V2, SMALL_V3
@@ -31,7 +32,7 @@ def _routing(rng, n, k, e, used=None):
 def test_layout_places_every_pair_once_in_its_experts_blocks(n, k, e, block, used, rank_by,
                                                              monkeypatch):
   if rank_by == "sort":
-    monkeypatch.setattr(dispatch, "ONE_HOT_RANK_LIMIT", 0)
+    monkeypatch.setattr(pallas_kernels.dispatch, "ONE_HOT_RANK_LIMIT", 0)
   weights, experts = _routing(np.random.default_rng(n), n, k, e, used)
   del weights
   layout = dispatch.block_layout(experts, e, block)

@@ -4,7 +4,7 @@ import pytest
 
 import deepjax as dj
 from deepjax import accounting
-from deepjax.parallel.plan import plan
+from deepjax.memory_plan import plan
 
 V3 = dj.ModelConfig.preset("v3")
 EXPERT_PARAMS = 3 * 7168 * 2048                   # one routed expert: gate, up, down

@@ -21,6 +21,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import rank_within_group
+
 
 @flax.struct.dataclass
 class BlockLayout:
@@ -48,26 +50,6 @@ def block_size_for(num_pairs: int, num_experts: int, max_block: int = 128) -> in
   while b < max_block and num_experts * (2 * b) * 8 <= num_pairs:
     b *= 2
   return b
-
-
-# Up to this many N*K x E entries the ranks come from a one-hot running count (cheap on CPU);
-# beyond it (V3-sized routing) from a stable sort, which needs no [N*K, E] array.
-ONE_HOT_RANK_LIMIT = 1 << 22
-
-
-def rank_within_group(flat: jax.Array, num_experts: int):
-  """(rank of each entry of `flat` [M] among the earlier entries with its value, entries per
-  value) for values in [0, num_experts)."""
-  if flat.size * num_experts <= ONE_HOT_RANK_LIMIT:
-    one_hot = (flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :]).astype(
-        jnp.int32)
-    rank = jnp.take_along_axis(jnp.cumsum(one_hot, axis=0), flat[:, None], axis=1)[:, 0] - 1
-    return rank, jnp.sum(one_hot, axis=0)
-  order = jnp.argsort(flat, stable=True)
-  counts = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  starts = jnp.cumsum(counts) - counts
-  ranks_sorted = jnp.arange(flat.size, dtype=jnp.int32) - starts[flat[order]]
-  return jnp.zeros_like(flat).at[order].set(ranks_sorted, unique_indices=True), counts
 
 
 def block_layout(experts: jax.Array, num_experts: int, block_size: int) -> BlockLayout:

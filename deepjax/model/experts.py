@@ -7,7 +7,7 @@ or pallas_kernels.gmm), then put back in token order and summed with their gates
 dropless too, the routed copies grouped by expert in equal blocks and run as one batched matmul
 (deepjax.model.dispatch); its cost follows the active FLOPs on every backend, the fast path on
 CPU, where ragged_dot costs as much as `dense`. Under a mesh whose `expert` axis is > 1, the
-experts are sharded and tokens reach them by all-to-all (deepjax.model.expert_parallel), with
+experts are sharded and tokens reach them by all-to-all (deepjax.parallel.expert_parallel), with
 the grouped matmul of `moe_impl` (ragged_dot unless `pallas`).
 """
 
@@ -17,9 +17,9 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
-from deepjax.model import expert_parallel
 from deepjax.model.dispatch import block_size_for, blocked_experts, padded_rows
 from deepjax.model.layers import param
+from deepjax.parallel import expert_parallel
 
 
 def grouped_matmul_fn(impl: str):

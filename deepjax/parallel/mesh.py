@@ -44,16 +44,25 @@ def make_mesh(sizes: dict[str, int] | None = None, devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
-def batch_size_per_shard(mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The axes of BATCH_AXES that `mesh` has (a batch's leading dimension splits over them)."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
-def check_divisibility(mesh, *, batch_size: int, n_routed_experts: int) -> None:
-  """The batch splits over data x fsdp x expert; the routed experts over `expert`."""
-  shards = batch_size_per_shard(mesh)
+def batch_shards(mesh) -> int:
+  """How many shards a batch splits into: the product of its batch axes."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def check_divisibility(mesh, *, batch_size: int, n_routed_experts: int,
+                       batch_name: str = "batch_size") -> None:
+  """The batch (`batch_name`: the training batch's sequences, or the tokens of an expert-parallel
+  exchange) splits over data x fsdp x expert; the routed experts over `expert`."""
+  shards = batch_shards(mesh)
   if batch_size % shards:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the data-parallel size "
+    raise ValueError(f"{batch_name} {batch_size} is not divisible by the data-parallel size "
                      f"{shards} (mesh data x fsdp x expert = {dict(mesh.shape)})")
-  if n_routed_experts and n_routed_experts % mesh.shape["expert"]:
+  expert_size = mesh.shape.get("expert", 1)
+  if n_routed_experts and n_routed_experts % expert_size:
     raise ValueError(f"n_routed_experts {n_routed_experts} is not divisible by the expert axis "
-                     f"({mesh.shape['expert']})")
+                     f"({expert_size})")

@@ -36,7 +36,7 @@ class ObjectiveConfig:
 
 def _forward(graphdef, params, biases, batch, mesh):
   """The model on the batch, traced with `mesh` current: MoE layers shard their experts over
-  its `expert` axis and exchange tokens by all-to-all (deepjax.model.expert_parallel)."""
+  its `expert` axis and exchange tokens by all-to-all (deepjax.parallel.expert_parallel)."""
   model = nnx.merge(graphdef, params, biases)
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     out = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])

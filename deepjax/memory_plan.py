@@ -6,7 +6,7 @@ counted per device. Assumptions, stated where they are used:
 - parameters and gradients are in param_dtype; AdamW keeps two moments of the same shapes;
 - activations: the inputs of every matmul of every layer are kept for the backward pass (no
   rematerialisation; attention probabilities are recomputed, as flash attention does);
-- expert parallelism (deepjax.model.expert_parallel) exchanges a send buffer of `expert` x C
+- expert parallelism (deepjax.parallel.expert_parallel) exchanges a send buffer of `expert` x C
   slots of hidden values per MoE layer, four times (dispatch and combine, forward and
   backward), of which the fraction (expert - 1) / expert leaves the device. With a capacity
   factor c, C = c x tokens x top_k / expert; dropless (no factor), C = tokens x top_k, `expert`
@@ -26,8 +26,9 @@ from jax.sharding import AbstractMesh
 
 from deepjax import accounting
 from deepjax.config import ModelConfig
-from deepjax.model import DeepSeek, expert_parallel
-from deepjax.parallel.mesh import MESH_AXES, batch_size_per_shard, check_divisibility, mesh_shape
+from deepjax.model import DeepSeek
+from deepjax.parallel import expert_parallel
+from deepjax.parallel.mesh import MESH_AXES, batch_shards, check_divisibility, mesh_shape
 from deepjax.parallel.sharding import logical_spec
 
 
@@ -100,7 +101,7 @@ def plan(cfg: ModelConfig, mesh_sizes: dict, num_devices: int, *, batch_size: in
          seq_len: int) -> Plan:
   mesh = abstract_mesh(mesh_sizes, num_devices)
   check_divisibility(mesh, batch_size=batch_size, n_routed_experts=cfg.n_routed_experts)
-  shards = batch_size_per_shard(mesh)
+  shards = batch_shards(mesh)
   params = param_bytes_per_device(cfg, mesh)
   compute_bytes = np.dtype(cfg.dtype).itemsize
   tokens = batch_size * seq_len // shards

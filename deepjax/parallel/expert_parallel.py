@@ -16,6 +16,9 @@ With a capacity factor c: C = ceil(c * N*K / P); copies past a destination's C s
 dropped (they add nothing to y) and counted. The experts' intermediate dimension may also be
 split over `tensor`: each shard then holds a partial down projection, summed with psum.
 Gradients flow through both exchanges (the transpose of an all-to-all is the reverse one).
+
+Plain arrays in and out (tokens, gates, expert ids, the stacked expert weights) and the grouped
+matmul as a function: no model is imported here.
 """
 
 from __future__ import annotations
@@ -29,8 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from deepjax.model.dispatch import rank_within_group
-from deepjax.parallel.mesh import BATCH_AXES
+from deepjax.parallel.mesh import batch_axes, check_divisibility
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
@@ -52,29 +54,26 @@ def slots_per_device(num_pairs: int, devices: int, capacity_factor: float | None
 def routed_experts(x, weights, experts, w_gate, w_up, w_down, *, mesh, gmm: Callable,
                    capacity_factor: float | None = None):
   """x [N, H], gates weights [N, K], expert ids experts [N, K] (global arrays, N split over the
-  batch axes); w_gate, w_up [E, H, I], w_down [E, I, H] -> (y [N, H], dropped copies [])."""
+  batch axes); w_gate, w_up [E, H, I], w_down [E, I, H]; gmm(rows, w, group_sizes), the grouped
+  matmul (pallas_kernels.gmm or its reference) -> (y [N, H], dropped copies [])."""
   num_experts, _, inter = w_gate.shape
-  devices = mesh.shape[EXPERT_AXIS]
-  if num_experts % devices:
-    raise ValueError(f"n_routed_experts {num_experts} is not divisible by the expert axis "
-                     f"({devices})")
-  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  shards = math.prod(mesh.shape[a] for a in batch_axes)
-  if x.shape[0] % shards:
-    raise ValueError(f"expert parallelism: {x.shape[0]} tokens do not split over the "
-                     f"{shards} data-parallel shards {batch_axes}")
-  tensor = (TENSOR_AXIS if TENSOR_AXIS in mesh.axis_names and mesh.shape[TENSOR_AXIS] > 1
+  check_divisibility(mesh, batch_size=x.shape[0], n_routed_experts=num_experts,
+                     batch_name="expert parallelism: tokens")
+  batch = batch_axes(mesh)
+  tensor = (TENSOR_AXIS if mesh.shape.get(TENSOR_AXIS, 1) > 1
             and inter % mesh.shape[TENSOR_AXIS] == 0 else None)
-  tokens = P(batch_axes, None)
-  local = functools.partial(_local_experts, devices=devices, capacity_factor=capacity_factor,
-                            gmm=gmm, batch_axes=batch_axes, tensor_axis=tensor)
+  tokens = P(batch, None)
+  local = functools.partial(_local_experts, devices=mesh.shape[EXPERT_AXIS],
+                            capacity_factor=capacity_factor, gmm=gmm, batch_axes=batch,
+                            tensor_axis=tensor)
   return jax.shard_map(
       local, mesh=mesh,
       in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS, None, tensor),
                 P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, tensor, None)),
       out_specs=(tokens, P()),
-      # Pallas calls (moe_impl="pallas") do not declare how their outputs vary over the mesh.
-      check_vma=False)(x, weights, experts, w_gate, w_up, w_down)
+      # Only the Pallas gmm goes unchecked: its pallas_call out_shape sets no manual_axis_type
+      # (how the output varies over the mesh axes), which check_vma requires; ragged_dot's does.
+      check_vma=gmm is not pk.gmm)(x, weights, experts, w_gate, w_up, w_down)
 
 
 def _local_experts(x, weights, experts, w_gate, w_up, w_down, *, devices, capacity_factor, gmm,
@@ -85,7 +84,7 @@ def _local_experts(x, weights, experts, w_gate, w_up, w_down, *, devices, capaci
   slots = slots_per_device(n * k, devices, capacity_factor)
   flat = experts.reshape(-1)
   destination = flat // local_experts
-  rank, _ = rank_within_group(destination, devices)
+  rank, _ = pk.rank_within_group(destination, devices)
   kept = rank < slots
   # A copy's slot in the send buffer; dropped copies point past its end and are not written.
   slot = jnp.where(kept, destination * slots + rank, devices * slots)
