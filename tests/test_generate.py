@@ -14,10 +14,9 @@ from flax import nnx
 
 import deepjax as dj
 from deepjax import accounting
-from deepjax.inference import (LatentCache, absorbed_attention, forward, generate,
-                               generate_with_stats, lm_logits, mtp_forward, sample)
-from deepjax.inference.cache import write
-from deepjax.model.mla import MultiHeadLatentAttention
+from deepjax.inference import (LatentCache, forward, generate, generate_with_stats, mtp_forward,
+                               sample)
+from deepjax.model.mla import MLACache, MultiHeadLatentAttention
 from deepjax.model.random_init import random_model, randomized
 from deepjax.train.restore import load_trained_model
 from train_helpers import FAST, ROOT, run_train_py
@@ -110,13 +109,11 @@ def test_absorbed_attention_equals_the_mla_module(impl):
 
   @nnx.jit
   def cached(attn, x):
-    latent = jnp.zeros((2, 8, cfg.kv_lora_rank))
-    rope = jnp.zeros((2, 8, cfg.qk_rope_head_dim))
-    c_kv, k_rope = attn.latent(x[:, :5], positions[:, :5])
-    latent, rope = write(latent, c_kv, positions[:, :5]), write(rope, k_rope, positions[:, :5])
-    return absorbed_attention(attn, x[:, 5:], positions[:, 5:], latent, rope)[0]
+    cache = MLACache.zeros(cfg, 2, 8, jnp.float32)
+    _, cache = attn(x[:, :5], positions[:, :5], cache=cache, prefill=True)
+    return attn(x[:, 5:], positions[:, 5:], cache=cache)[0]        # the absorbed form
 
-  expected = nnx.jit(lambda attn, x: attn(x, positions))(attn, x)
+  expected = nnx.jit(lambda attn, x: attn(x, positions)[0])(attn, x)
   np.testing.assert_allclose(cached(attn, x), expected[:, 5:], rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +136,7 @@ def test_decode_logits_match_the_full_forward():
       h, cache = forward(model, tokens[:, start:end], pos, cache, prefill=start == 0)
       h_mtp, cache = mtp_forward(model, h, tokens[:, start + 1:end + 1], pos, cache,
                                  prefill=start == 0)
-      logits.append(lm_logits(model, h))
+      logits.append(model.logits(h))
       mtp_logits.append(model.head(h_mtp))
     return jnp.concatenate(logits, 1), jnp.concatenate(mtp_logits, 1)
 

@@ -31,28 +31,32 @@ def tokens():
   return np.random.default_rng(0).integers(0, 97, size=(2, 21)).astype(np.int32)
 
 
-IMPLS = [("xla", "ragged_dot"), ("xla", "dense"), ("xla", "blocked"), ("pallas", "pallas")]
-SLOW_IMPLS = [("pallas", "dense"), ("pallas", "ragged_dot"), ("xla", "pallas")]
+# (attention_impl, moe_impl, router_impl)
+IMPLS = [("xla", "ragged_dot", "xla"), ("xla", "dense", "xla"), ("xla", "blocked", "xla"),
+         ("pallas", "pallas", "pallas")]
+SLOW_IMPLS = [("pallas", "dense", "xla"), ("pallas", "ragged_dot", "xla"),
+              ("xla", "pallas", "xla"), ("xla", "blocked", "pallas")]
 
 
-def _check(name, attention_impl, moe_impl, tokens, tmp_path):
+def _check(name, impls, tokens, tmp_path):
   cfg = dj.ModelConfig(**CONFIGS[name])
   reference = hf_model(cfg, seed=1)
   reference.save_pretrained(tmp_path)
+  attention_impl, moe_impl, router_impl = impls
   model = dj.load_hf(str(tmp_path), dtype=jnp.float32, attention_impl=attention_impl,
-                     moe_impl=moe_impl)
+                     moe_impl=moe_impl, router_impl=router_impl)
   ours = np.asarray(model(jnp.asarray(tokens)).logits)
   assert relative_error(ours, hf_logits(reference, tokens)) < 1e-5
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("attention_impl, moe_impl", IMPLS)
-def test_logits_match_transformers(name, attention_impl, moe_impl, tokens, tmp_path):
-  _check(name, attention_impl, moe_impl, tokens, tmp_path)
+@pytest.mark.parametrize("impls", IMPLS, ids="-".join)
+def test_logits_match_transformers(name, impls, tokens, tmp_path):
+  _check(name, impls, tokens, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("attention_impl, moe_impl", SLOW_IMPLS)
-def test_logits_match_transformers_other_impls(name, attention_impl, moe_impl, tokens, tmp_path):
-  _check(name, attention_impl, moe_impl, tokens, tmp_path)
+@pytest.mark.parametrize("impls", SLOW_IMPLS, ids="-".join)
+def test_logits_match_transformers_other_impls(name, impls, tokens, tmp_path):
+  _check(name, impls, tokens, tmp_path)

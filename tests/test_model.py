@@ -97,13 +97,14 @@ def test_padding_is_left_out_of_router_stats():
   assert len(model.routers()) == cfg.num_moe_layers
 
 
-@pytest.mark.parametrize("impls", [("pallas", "pallas"), ("pallas", "ragged_dot")])
+@pytest.mark.parametrize("impls", [("pallas", "pallas", "pallas"), ("pallas", "ragged_dot", "xla")])
 def test_pallas_paths_give_the_same_loss_and_gradients(impls):
   base = dict(SMALL_V3, num_nextn_predict_layers=1)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 19)), jnp.int32)
   results = []
-  for attention_impl, moe_impl in (("xla", "dense"), impls):
-    cfg = dj.ModelConfig(**dict(base, attention_impl=attention_impl, moe_impl=moe_impl))
+  for attention_impl, moe_impl, router_impl in (("xla", "dense", "xla"), impls):
+    cfg = dj.ModelConfig(**dict(base, attention_impl=attention_impl, moe_impl=moe_impl,
+                                router_impl=router_impl))
     model = dj.DeepSeek(cfg, rngs=nnx.Rngs(5))
     loss, grads = nnx.value_and_grad(_loss)(model, tokens)
     results.append((loss, nnx.to_flat_state(grads)))

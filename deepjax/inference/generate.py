@@ -4,7 +4,7 @@ Prefill runs the right-padded prompts through the model and fills the cache with
 latent c^KV and rope key; the first new token of row b comes from the logits at its own last
 prompt position lengths[b] - 1. Decoding is one `jax.lax.while_loop` inside the same `jax.jit`
 (no Python per token): each step feeds every row's last token at position lengths[b] + i - 1,
-attends over the cache in absorbed form (deepjax.inference.decode), and picks the next token
+attends over the cache (MLA in absorbed form; deepjax.inference.decode), and picks the next token
 greedily or by sampling. The cache buffers are donated to the program. The loop ends after
 max_new_tokens or, with an eos_id, as soon as every row has emitted it; a finished row emits
 eos_id from then on.
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from deepjax.inference.cache import LatentCache
-from deepjax.inference.decode import forward, lm_logits
+from deepjax.inference.decode import forward
 from deepjax.inference.sampling import greedy, sample
 from deepjax.inference.speculative import mtp_speculative_generate
 from deepjax.model import DeepSeek
@@ -120,7 +120,7 @@ def decode_loop(model: DeepSeek, prompts, lengths, cache: LatentCache, choose, e
   b, w = prompts.shape
   positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
   h, cache = forward(model, prompts, positions, cache, prefill=True)
-  first = choose(lm_logits(model, h[jnp.arange(b), lengths - 1]), 0)
+  first = choose(model.logits(h[jnp.arange(b), lengths - 1]), 0)
   out = jnp.full((b, max_new_tokens), jnp.maximum(eos_id, 0), jnp.int32).at[:, 0].set(first)
 
   def running(carry):
@@ -130,7 +130,7 @@ def decode_loop(model: DeepSeek, prompts, lengths, cache: LatentCache, choose, e
   def step(carry):
     i, token, cache, out, done = carry
     h, cache = forward(model, token[:, None], (lengths + i - 1)[:, None], cache)
-    token = jnp.where(done, eos_id, choose(lm_logits(model, h[:, 0]), i))
+    token = jnp.where(done, eos_id, choose(model.logits(h[:, 0]), i))
     return i + 1, token, cache, out.at[:, i].set(token), done | (token == eos_id)
 
   i, _, cache, out, _ = jax.lax.while_loop(

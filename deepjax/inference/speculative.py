@@ -11,7 +11,7 @@ the price of one extra block. Each step then verifies it:
   next draft is the one for the token after the last emitted (t_{p+3} if rejected, else t_{p+4})
 
 so the output is exactly greedy decoding's and a step emits 1 + [accepted] tokens. The MTP block
-attends over its own latent cache (cache layer num_hidden_layers), which like the main model's
+attends over its own latent cache (`LatentCache.mtp`), which like the main model's
 holds one entry per position. A rejected draft leaves entries at p+2 that the next step
 overwrites before anything reads them.
 """
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from deepjax.inference.cache import LatentCache
-from deepjax.inference.decode import forward, lm_logits, mtp_forward
+from deepjax.inference.decode import forward, mtp_forward
 from deepjax.inference.sampling import greedy
 from deepjax.model import DeepSeek
 
@@ -38,7 +38,7 @@ def mtp_speculative_generate(model: DeepSeek, prompts, lengths, cache: LatentCac
   rows = jnp.arange(b)
   positions = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))
   h, cache = forward(model, prompts, positions, cache, prefill=True)
-  first = greedy(lm_logits(model, h[rows, lengths - 1]))
+  first = greedy(model.logits(h[rows, lengths - 1]))
   # MTP prefill: position i takes (h_i, t_{i+1}); a row's last prompt position takes the
   # first generated token. Entries past it are overwritten by the decode steps.
   next_tokens = jnp.roll(prompts, -1, axis=1).at[rows, lengths - 1].set(first)
@@ -60,7 +60,7 @@ def mtp_speculative_generate(model: DeepSeek, prompts, lengths, cache: LatentCac
     tokens = jnp.stack([c["pending"], c["draft"]], axis=1)
     positions = pos[:, None] + jnp.arange(2, dtype=jnp.int32)
     h, cache = forward(model, tokens, positions, c["cache"])
-    target = greedy(lm_logits(model, h))                       # [B, 2]
+    target = greedy(model.logits(h))                       # [B, 2]
     accept = c["draft"] == target[:, 0]
     h_mtp, cache = mtp_forward(model, h, target, positions, cache)
     draft = greedy(model.head(h_mtp[rows, accept.astype(jnp.int32)]))

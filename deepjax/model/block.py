@@ -1,4 +1,9 @@
-"""One pre-norm decoder layer: h += MLA(norm(h)); h += FFN(norm(h)), FFN dense or MoE."""
+"""One decoder layer, built from its per-layer kinds (`ModelConfig.attention_kind`,
+`mlp_kind`, `residual_kind`): with the `plain` residual, h += Attn(norm(h)); h += FFN(norm(h)).
+
+V2 and V3 are configurations of this one layer: attention `mla`, MLP `dense` (the first
+`first_k_dense_replace` layers) or `moe`. The sequels add kinds to these tables.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -10,24 +15,38 @@ from deepjax.model.mlp import MLP
 from deepjax.model.moe import MoE, RouterStats
 from deepjax.model.norm import RMSNorm
 
+# attention kind -> module; each takes (x, positions, segment_ids, cache, prefill=) and returns
+# (output, updated cache), and names its per-layer cache as `cache_type`.
+ATTENTION = {"mla": MultiHeadLatentAttention}
+MLPS = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
+        "moe": lambda cfg, rngs: MoE(cfg, rngs=rngs)}
+
+
+def layer_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
+  """Zeros of layer `layer`'s cache (its attention kind's), for `max_len` positions."""
+  return ATTENTION[cfg.attention_kind(layer)].cache_type.zeros(cfg, batch, max_len, dtype)
+
 
 class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-    self.self_attn = MultiHeadLatentAttention(cfg, rngs=rngs)
+    self.self_attn = ATTENTION[cfg.attention_kind(layer_idx)](cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                             param_dtype=pdt)
-    self.is_moe = cfg.is_moe_layer(layer_idx)
-    self.mlp = MoE(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
+    self.is_moe = cfg.mlp_kind(layer_idx) == "moe"
+    self.mlp = MLPS[cfg.mlp_kind(layer_idx)](cfg, rngs)
 
-  def __call__(self, x: jax.Array, positions, segment_ids=None
-               ) -> tuple[jax.Array, RouterStats | None]:
-    x = x + self.self_attn(self.input_layernorm(x), positions, segment_ids)
+  def __call__(self, x: jax.Array, positions, segment_ids=None, cache=None, *,
+               prefill: bool = False) -> tuple[jax.Array, RouterStats | None, object]:
+    """-> (x, the MoE's routing statistics or None, the attention's updated cache)."""
+    y, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache,
+                              prefill=prefill)
+    x = x + y
     if self.is_moe:
       token_mask = None if segment_ids is None else segment_ids != 0
       y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(x)), None
-    return x + y, stats
+    return x + y, stats, cache

@@ -1,6 +1,7 @@
 """Routed experts stored stacked as [E, ...] arrays, and the ways to dispatch to them.
 
-`dense`: every expert on every token, combined by the (mostly zero) gate matrix; simple, exact,
+Whatever `moe_impl` says, a batch with no more routed copies than experts (a decode step) runs
+only the chosen experts, gathering their weights. `dense`: every expert on every token, combined by the (mostly zero) gate matrix; simple, exact,
 for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
 copies of the tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot,
 or pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
@@ -51,7 +52,10 @@ class RoutedExperts(nnx.Module):
     return self._local(x, weights, experts, wg, wu, wd), jnp.zeros((), jnp.int32)
 
   def _local(self, x, weights, experts, wg, wu, wd):
-    """Every expert on this device: the dispatch `moe_impl` names."""
+    """Every expert on this device: the dispatch `moe_impl` names, or, for no more routed
+    copies than experts (decoding a few tokens), only the chosen experts."""
+    if experts.size <= wg.shape[0]:
+      return self._chosen(x, weights, experts, wg, wu, wd)
     if self.cfg.moe_impl == "blocked":
       n, k = experts.shape
       e = wg.shape[0]
@@ -64,6 +68,19 @@ class RoutedExperts(nnx.Module):
     if self.cfg.moe_impl == "dense":
       return self._dense(x, weights, experts, wg, wu, wd)
     return self._sorted(x, weights, experts, wg, wu, wd)
+
+  def _chosen(self, x, weights, experts, wg, wu, wd):
+    """Each (token, expert) pair gathers its expert's matrices and runs a batched
+    matrix-vector product: a step that routes a handful of tokens is bound by reading expert
+    weights, so it reads only those chosen, as DeepSeek's inference/model.py runs only the
+    experts that received tokens."""
+    n, k = experts.shape
+    take = lambda w: jnp.take(w, experts.reshape(-1), axis=0)                # noqa: E731
+    rows = jnp.repeat(x, k, axis=0)                                         # [N*K, H]
+    h = jax.nn.silu(jnp.einsum("ph,phi->pi", rows, take(wg))) * \
+        jnp.einsum("ph,phi->pi", rows, take(wu))
+    y = jnp.einsum("pi,pih->ph", h, take(wd)).reshape(n, k, -1)
+    return jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
 
   def _dense(self, x, weights, experts, wg, wu, wd):
     n, e = x.shape[0], wg.shape[0]

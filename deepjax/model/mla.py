@@ -1,17 +1,31 @@
-"""Multi-head Latent Attention (DeepSeek-V2 §2.1, eqs. 9-19).
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, eqs. 9-19), in both of its forms.
 
-Keys and values are compressed into one latent c_kv (kv_lora_rank) plus one rope key shared by
-all heads; queries are optionally compressed through q_lora_rank. Only c_kv and k_rope need to
-be cached (see deepjax.inference); training expands them per head and runs ordinary attention.
+Keys and values are compressed into one latent c^KV (kv_lora_rank) plus one rope key k^R shared
+by all heads; queries are optionally compressed through q_lora_rank. Only c^KV and k^R are
+cached (`MLACache`: d_c + d_h^R numbers per token and layer, V2 Table 1).
+
+`expanded`: c^KV is up-projected to per-head keys and values (V2 eqs. 10-11) and ordinary
+attention runs over them; the efficient form when many queries share the keys (training,
+prefill). `absorbed`: W^UK is absorbed into the query and W^UV into the output (V2 §2.1.2),
+so attention runs over the cached latents themselves; the form for decoding, as DeepSeek's
+inference/model.py does with attn_impl="absorb":
+
+  q^L_{t,i} = W^UK_i^T q^C_{t,i}                        [d_c] per head i (q^C: V2 eq. 13)
+  score_{t,i,s} = (q^L_{t,i} . c^KV_s + q^R_{t,i} . k^R_s) * softmax_scale
+  o_{t,i} = W^UV_i sum_s softmax_s(score_{t,i,s}) c^KV_s;  u_t = W^O [o_{t,1}; ...; o_{t,n_h}]
+
+since q^C_{t,i} . k^C_{s,i} = q^C_{t,i} . W^UK_i c^KV_s and v^C_{s,i} = W^UV_i c^KV_s.
 """
 
+from __future__ import annotations
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
-from deepjax.model import attention
 from deepjax.model.layers import Dense
 from deepjax.model.norm import RMSNorm
 from deepjax.model.rope import apply_rope
@@ -20,13 +34,49 @@ from deepjax.model.rope import apply_rope
 LATENT_NORM_EPS = 1e-6
 
 
+def write_rows(buffer: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:
+  """buffer [B, S, D] with values [B, T, D] written at positions [B, T] of each row.
+
+  Positions >= S are dropped: rows that finished early keep stepping (their results unused)
+  and may run one position past the cache.
+  """
+  rows = jnp.arange(buffer.shape[0])[:, None]
+  return buffer.at[rows, positions].set(values.astype(buffer.dtype), mode="drop",
+                                        unique_indices=True)
+
+
+@flax.struct.dataclass
+class MLACache:
+  """One MLA layer's cache: latent [B, S, kv_lora_rank] normalised c^KV (V2 eq. 9) and rope
+  [B, S, qk_rope_head_dim] k^R with RoPE applied (V2 eq. 14), as DeepSeek's `kv_cache` and
+  `pe_cache`. Row b's entries 0..p are valid once the token at position p has run; later
+  entries may hold stale values and are masked by the decode attention's lengths."""
+  latent: jax.Array
+  rope: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> MLACache:
+    return cls(latent=jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+               rope=jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype))
+
+  def write(self, c_kv: jax.Array, k_rope: jax.Array, positions: jax.Array) -> MLACache:
+    return MLACache(latent=write_rows(self.latent, c_kv, positions),
+                    rope=write_rows(self.rope, k_rope, positions))
+
+
 def attention_fn(impl: str):
-  """The attention implementation behind `attention_impl`: the Pallas kernel, or plain XLA
-  (deepjax.model.attention: chunked, with a hand-written backward pass)."""
-  return pk.mla_attention if impl == "pallas" else attention.mla_attention
+  """The expanded form's attention behind `attention_impl`: the Pallas flash kernel, or its
+  XLA form (chunked, with a hand-written backward pass)."""
+  return pk.mla_attention if impl == "pallas" else pk.xla_attention.mla_attention
+
+
+def decode_attention_fn(impl: str):
+  """The absorbed form's attention over the latent cache: the Pallas kernel or plain XLA."""
+  return pk.mla_decode if impl == "pallas" else pk.reference.mla_decode
 
 
 class MultiHeadLatentAttention(nnx.Module):
+  cache_type = MLACache
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -50,6 +100,27 @@ class MultiHeadLatentAttention(nnx.Module):
                            ("kv_lora", "heads"))                              # V2 eqs. 10-11
     self.o_proj = dense(nh * cfg.v_head_dim, h, ("heads", "embed"), cfg.attention_bias)
 
+  def __call__(self, x, positions, segment_ids=None, cache: MLACache | None = None, *,
+               prefill: bool = False) -> tuple[jax.Array, MLACache | None]:
+    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache).
+
+    No cache: training; causal attention within each row (and segment). With a cache the
+    tokens' c^KV and k^R are written at their positions first. prefill: the cache was empty
+    and x holds whole prompts from position 0, so the expanded form over x itself is exact.
+    Otherwise (decoding) the absorbed form attends over the cache: query t of row b sees
+    entries 0..positions[b, t].
+    """
+    b, t, _ = x.shape
+    q_nope, q_rope = self.query(x, positions)             # [B,T,H,nope], [B,T,H,rope]
+    c_kv, k_rope = self.latent(x, positions)              # [B,T,d_c], [B,T,rope]
+    if cache is not None:
+      cache = cache.write(c_kv, k_rope, positions)
+    if cache is None or prefill:
+      o = self.expanded(q_nope, q_rope, c_kv, k_rope, segment_ids)
+    else:
+      o = self.absorbed(q_nope, q_rope, cache, positions)
+    return self.o_proj(o.reshape(b, t, -1)), cache
+
   def query(self, x, positions):
     """Per-head query parts (q_nope [B,T,H,nope], q_rope [B,T,H,rope]), rope applied."""
     cfg = self.cfg
@@ -66,16 +137,32 @@ class MultiHeadLatentAttention(nnx.Module):
     c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
     return self.kv_a_layernorm(c_kv), apply_rope(k_rope[:, :, None, :], positions, self.cfg)[:, :, 0]
 
-  def __call__(self, x, positions, segment_ids=None):
+  def expanded(self, q_nope, q_rope, c_kv, k_rope, segment_ids):
+    """Per-head keys [k^C; k^R] and values v^C from c^KV (V2 eqs. 10-11, 15-19) -> [B,T,H,v]."""
     cfg = self.cfg
-    b, t, _ = x.shape
-    nh = cfg.num_attention_heads
-    q_nope, q_rope = self.query(x, positions)
-    c_kv, k_rope = self.latent(x, positions)
+    b, t, nh, _ = q_nope.shape
     kv = self.kv_b_proj(c_kv).reshape(b, t, nh, cfg.qk_nope_head_dim + cfg.v_head_dim)
     k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], q_rope.shape)], axis=-1)
-    out = attention_fn(cfg.attention_impl)(q, k, v, segment_ids=segment_ids, causal=True,
-                                           sm_scale=cfg.softmax_scale)
-    return self.o_proj(out.reshape(b, t, nh * cfg.v_head_dim))
+    return attention_fn(cfg.attention_impl)(q, k, v, segment_ids=segment_ids, causal=True,
+                                            sm_scale=cfg.softmax_scale)
+
+  def absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
+    """W^UK [d_c, n_h, d_h^nope] and W^UV [d_c, n_h, d_h^v], the two halves of kv_b_proj."""
+    cfg = self.cfg
+    w = self.kv_b_proj.kernel[...].astype(jnp.dtype(cfg.dtype))
+    w = w.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+  def absorbed(self, q_nope, q_rope, cache: MLACache, positions):
+    """Attention over the latent cache with W^UK and W^UV absorbed (V2 §2.1.2) -> [B,T,H,v]."""
+    w_uk, w_uv = self.absorbed_weights()
+    q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)          # W^UK into the query
+    attend = decode_attention_fn(self.cfg.attention_impl)
+    # One query per row per call: the kernel's lengths mask is per row, and query t must not
+    # see the tokens after it that this call wrote (T > 1 only when verifying a draft).
+    o_latent = jnp.stack([attend(q_latent[:, i], q_rope[:, i], cache.latent, cache.rope,
+                                 positions[:, i] + 1, sm_scale=self.cfg.softmax_scale)
+                          for i in range(q_nope.shape[1])], axis=1)
+    return jnp.einsum("bthc,chv->bthv", o_latent, w_uv)             # W^UV into the output

@@ -30,9 +30,11 @@ class MTPModule(nnx.Module):
     self.block = DecoderLayer(cfg, cfg.num_hidden_layers + depth - 1, rngs=rngs)
     self.final_norm = norm()        # checkpoint name: shared_head.norm
 
-  def __call__(self, hidden: jax.Array, next_embedding: jax.Array, positions, segment_ids=None
-               ) -> tuple[jax.Array, jax.Array, RouterStats | None]:
-    """-> (h^k for the next depth, normed h^k for the head, routing stats of the block)."""
+  def __call__(self, hidden: jax.Array, next_embedding: jax.Array, positions, segment_ids=None,
+               cache=None, *, prefill: bool = False
+               ) -> tuple[jax.Array, jax.Array, RouterStats | None, object]:
+    """-> (h^k for the next depth, normed h^k for the head, routing stats of the block, the
+    block's updated cache)."""
     x = self.eh_proj(jnp.concatenate([self.enorm(next_embedding), self.hnorm(hidden)], -1))
-    h, stats = self.block(x, positions, segment_ids)
-    return h, self.final_norm(h), stats
+    h, stats, cache = self.block(x, positions, segment_ids, cache, prefill=prefill)
+    return h, self.final_norm(h), stats, cache

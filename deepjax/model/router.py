@@ -1,8 +1,14 @@
 """DeepSeekMoE gate: token-to-expert affinities and top-k selection, in float32.
 
-V3 (eqs. 13-16): s = sigmoid(u W^T); experts chosen on s + b, b the aux-loss-free correction bias
-(state updated by training, not by gradients); top-2 group sums limit the groups. V2 (eq. 11):
-softmax affinities, greedy or group-limited (group max) selection, never normalised.
+V3 (eqs. 13-16): s = sigmoid(u W^T); experts are chosen on s + b, b the aux-loss-free
+correction bias (state updated by training, not by gradients), within the topk_group groups
+whose top-2 biased scores sum highest; gates are the unbiased s of the chosen experts,
+normalised. V2 (eqs. 9-11, §2.2.2): softmax affinities, greedy or group-limited selection (a
+group scores its max), never normalised. Both scale by routed_scaling_factor.
+
+`route` is that math in plain XLA (router_impl="xla"); router_impl="pallas" runs the fused
+kernel `pallas_kernels.moe_route` for the selection, with the same semantics
+(`pallas_kernels.reference.moe_route` is its test oracle).
 """
 
 import flax.struct
@@ -12,6 +18,12 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
+
+# s_{i,t} from the router logits u_t^T e_i.
+SCORE_FNS = {
+    "sigmoid": jax.nn.sigmoid,                                  # V3 eq. 15
+    "softmax": lambda logits: jax.nn.softmax(logits, axis=-1),  # V2 eq. 11
+}
 
 
 class RouterBias(nnx.Variable):
@@ -25,9 +37,25 @@ class Routing:
   scores: jax.Array    # [N, E] float32, unbiased affinities s_{i,t}
 
 
-def route_fn(impl: str):
-  """The routing implementation behind `moe_impl`: the fused Pallas router or plain jnp."""
-  return pk.moe_route if impl == "pallas" else pk.reference.moe_route
+def route(scores: jax.Array, bias: jax.Array | None, cfg: ModelConfig
+          ) -> tuple[jax.Array, jax.Array]:
+  """Top-k selection and gates from the affinities scores [N, E] -> (weights, experts) [N, K]."""
+  n, e = scores.shape
+  choice = scores if bias is None else scores + bias[None, :]   # V3 eq. 16: b selects only
+  if cfg.uses_groups:
+    grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
+    if cfg.scoring_func == "sigmoid":
+      group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)   # V3: sum of the top 2
+    else:
+      group_scores = jnp.max(grouped, axis=-1)                         # V2: the group's max
+    _, kept = jax.lax.top_k(group_scores, cfg.topk_group)
+    keep = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], kept].set(True)
+    choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(n, e)
+  _, experts = jax.lax.top_k(choice, cfg.num_experts_per_tok)         # V3 eq. 14, V2 eq. 10
+  weights = jnp.take_along_axis(scores, experts, axis=-1)             # unbiased s_{i,t}
+  if cfg.normalizes_topk:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)   # V3 eq. 13
+  return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
 
 
 class Router(nnx.Module):
@@ -45,12 +73,13 @@ class Router(nnx.Module):
     cfg = self.cfg
     logits = jnp.dot(x.astype(jnp.float32), self.kernel[...])
     bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias[...]
-    weights, experts = route_fn(cfg.moe_impl)(
-        logits, bias, top_k=cfg.num_experts_per_tok,
-        n_group=cfg.n_group if cfg.uses_groups else 1,
-        topk_group=cfg.topk_group if cfg.uses_groups else 1,
-        score_fn=cfg.scoring_func, norm_topk_prob=cfg.normalizes_topk,
-        routed_scaling_factor=cfg.routed_scaling_factor)
-    scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else \
-        jax.nn.softmax(logits, axis=-1)
+    scores = SCORE_FNS[cfg.scoring_func](logits)
+    if cfg.router_impl == "pallas":
+      weights, experts = pk.moe_route(
+          logits, bias, top_k=cfg.num_experts_per_tok,
+          n_group=cfg.n_group if cfg.uses_groups else 1,
+          topk_group=cfg.topk_group if cfg.uses_groups else 1, score_fn=cfg.scoring_func,
+          norm_topk_prob=cfg.normalizes_topk, routed_scaling_factor=cfg.routed_scaling_factor)
+    else:
+      weights, experts = route(scores, bias, cfg)
     return Routing(weights=weights, experts=experts, scores=scores)

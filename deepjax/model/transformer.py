@@ -1,4 +1,11 @@
-"""DeepSeek: the full V2/V3 language model (embedding, decoder layers, norm, head, MTP)."""
+"""DeepSeek: the full language model (embedding, decoder layers, norm, head, MTP modules).
+
+One forward serves training, prefill and decode: `forward` runs the trunk with or without
+per-layer caches (the way DeepSeek's inference/model.py runs one `Transformer.forward` with
+`start_pos`), `mtp_forward` one MTP module, `logits` the head; `__call__` is the training and
+evaluation pass over whole sequences. Allocating caches and driving the decode loop is
+deepjax.inference's.
+"""
 
 import flax.struct
 import jax
@@ -56,24 +63,52 @@ class DeepSeek(nnx.Module):
       logits = self.lm_head(normed_hidden)
     return logits.astype(jnp.float32)
 
+  def logits(self, h: jax.Array) -> jax.Array:
+    """float32 logits from the last layer's output h (the final norm, then the head)."""
+    return self.head(self.norm(h))
+
+  def forward(self, tokens, positions, segment_ids=None, caches=None, *, prefill: bool = False):
+    """The embedding and the decoder layers: the trunk that training, prefill and decode share.
+
+    caches: None (training), or one cache per main layer (`layer_cache`), updated and returned;
+    prefill and the cached forward are as in the attention modules (e.g. MLA's).
+    -> (h [B, T, hidden], the last layer's output before the final norm; the MoE layers'
+    RouterStats; the updated caches or None).
+    """
+    stats, new_caches = [], []
+    h = self.embed_tokens(tokens)
+    for i, layer in enumerate(self.layers):
+      h, s, cache = layer(h, positions, segment_ids, None if caches is None else caches[i],
+                          prefill=prefill)
+      new_caches.append(cache)
+      if s is not None:
+        stats.append(s)
+    return h, stats, None if caches is None else tuple(new_caches)
+
+  def mtp_forward(self, depth: int, h, next_tokens, positions, segment_ids=None, cache=None, *,
+                  prefill: bool = False):
+    """MTP module `depth` (V3 eq. 21): h^k_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)].
+
+    h: the previous depth's output (the main model's pre-norm output for depth 1);
+    next_tokens [B, T]: t_{i+depth} at each position. -> (h^k, final-normed h^k: `head` of it
+    predicts t_{i+depth+1}, the block's RouterStats or None, its updated cache).
+    """
+    return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), positions, segment_ids, cache,
+                               prefill=prefill)
+
   def __call__(self, tokens, positions=None, segment_ids=None) -> ModelOutput:
     check_tokens(tokens, self.cfg.vocab_size)
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    stats = []
-    h = self.embed_tokens(tokens)
-    for layer in self.layers:
-      h, s = layer(h, positions, segment_ids)
-      if s is not None:
-        stats.append(s)
+    h, stats, _ = self.forward(tokens, positions, segment_ids)
     normed = self.norm(h)
     logits = self.head(normed)
 
     mtp_logits = []
-    for k, module in enumerate(self.mtp, start=1):       # V3 eq. 21: Emb(t_{i+k})
+    for k in range(1, len(self.mtp) + 1):                # V3 eq. 21: Emb(t_{i+k})
       shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((b, min(k, t)), tokens.dtype)], 1)
-      h, mtp_normed, s = module(h, self.embed_tokens(shifted), positions, segment_ids)
+      h, mtp_normed, s, _ = self.mtp_forward(k, h, shifted, positions, segment_ids)
       mtp_logits.append(self.head(mtp_normed))
       if s is not None:
         stats.append(s)

@@ -51,7 +51,7 @@ def prefill_cache(cfg: dj.ModelConfig, real: bool) -> LatentCache:
   if not real:
     return jax.eval_shape(run, state, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype))
   cache = jax.jit(run)(state, tokens)
-  written = np.any(np.asarray(cache.latent[0], np.float32) != 0, axis=-1)[0]
+  written = np.any(np.asarray(cache.main[0].latent, np.float32) != 0, axis=-1)[0]
   assert written[:PROMPT].all() and not written[PROMPT:].any(), "prefill wrote other positions"
   return cache
 
@@ -65,7 +65,7 @@ def measure(name: str) -> dict:
   else:
     cache = prefill_cache(cfg, real)
     method = "prefill, real arrays" if real else "prefill, jax.eval_shape"
-  arrays = cache.latent + cache.rope
+  arrays = jax.tree.leaves(cache)
   positions = CACHE_LEN                          # batch 1
   groups = min(GQA_GROUPS, cfg.num_attention_heads)
   formula = {kind: accounting.kv_cache_elements_per_token(cfg, kind, groups)
