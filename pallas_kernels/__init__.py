@@ -1,12 +1,13 @@
 """Pallas kernels for DeepSeek-style models, each beside a pure-jnp reference of the same signature.
 
 `interpret=None` means: interpret mode on CPU, compiled on GPU and TPU. `pallas_kernels.reference`
-holds the references; `sort_by_expert` and `rank_within_group` the MoE dispatch metadata. The
+holds the references; `xla_attention` the attention for training in plain XLA (chunked, with a
+hand-written backward); `sort_by_expert` and `rank_within_group` the MoE dispatch metadata. The
 kernels' float32 dots follow `jax.default_matmul_precision`, as XLA's do: TF32 on a GPU unless it
 is "highest".
 """
 
-from pallas_kernels import reference
+from pallas_kernels import reference, xla_attention
 from pallas_kernels.dispatch import rank_within_group, sort_by_expert
 from pallas_kernels.gmm import gmm, tgmm
 from pallas_kernels.mla_attention import mla_attention

@@ -32,7 +32,7 @@ from pallas_kernels.platform import pltriton
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes and compiler settings of gmm / tgmm; `for_platform` gives the defaults.
+  """Tile sizes and compiler settings of gmm / tgmm; `get_default` gives the defaults.
 
   Triton needs power-of-two blocks of at least 16 (dot dims); Mosaic TPU needs block_m a
   multiple of 8 and block_k, block_n multiples of 128.
@@ -52,13 +52,12 @@ class BlockSizes:
     return dataclasses.replace(self, block_k=self.tgmm_block_k or self.block_k)
 
   @classmethod
-  def for_platform(cls, name: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
+  def get_default(cls, name: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
     name = name or platform.backend()
-    if name == "gpu":   # H200, JAX 0.11: gmm 389 TFLOP/s bf16 on V2-Lite experts, 480 on V3
+    if name == "gpu":   # tuned on an H200 (see RESULTS.md, 2026-12-04)
       if jnp.dtype(dtype).itemsize >= 4:   # float32: tgmm's 3 stages of 64-wide k fit no SM
         return cls(128, 32, 128, num_warps=8, num_stages=3)
-      # H200 sweep 2026-12-04 (V3 experts): tgmm 303 TFLOP/s at K tile 128 vs 233 at 64,
-      # where gmm drops from 414 to 379.
+      # tgmm is faster at a K tile of 128, gmm at 64 (see RESULTS.md, 2026-12-04 sweep).
       return cls(128, 64, 128, tgmm_block_k=128, num_warps=8, num_stages=3)
     if name == "tpu":
       return cls(128, 128, 128, sequential_grid=True)
@@ -353,7 +352,7 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None, block_sizes: BlockSizes | No
   lhs [M,K], grad [M,N], group_sizes [G] int32 -> [G,K,N] float32; empty groups give zeros.
   """
   checks.tgmm(lhs, grad, group_sizes)
-  bs = block_sizes or BlockSizes.for_platform(platform.target(interpret), lhs.dtype)
+  bs = block_sizes or BlockSizes.get_default(platform.target(interpret), lhs.dtype)
   bs = bs.for_tgmm()
   offsets = _group_offsets(group_sizes, lhs.shape[0])
   impl = _tgmm_sequential if bs.sequential_grid else _tgmm_parallel
@@ -387,6 +386,6 @@ def gmm(lhs, rhs, group_sizes, *, interpret=None, block_sizes: BlockSizes | None
   accumulated in float32. Differentiable in lhs and rhs.
   """
   checks.gmm(lhs, rhs, group_sizes)
-  bs = block_sizes or BlockSizes.for_platform(platform.target(interpret), lhs.dtype)
+  bs = block_sizes or BlockSizes.get_default(platform.target(interpret), lhs.dtype)
   return _gmm_vjp(lhs, rhs, group_sizes.astype(jnp.int32), bs,
                   platform.resolve_interpret(interpret))

@@ -71,8 +71,8 @@ class BlockSizes:
                                    block_q_bwd=self.block_q_bwd, block_k_bwd=self.block_k_bwd)
 
   @classmethod
-  def for_backend(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
-    if backend == "gpu":  # H200, Dqk/Dv 192/128 (bf16 timed; f32 per triton_resources.py)
+  def get_default(cls, backend: str, dtype=jnp.bfloat16) -> "BlockSizes":
+    if backend == "gpu":  # Dqk/Dv 192/128, H200 (see RESULTS.md: 2026-12-04 sweep; f32: 12-03)
       if jnp.dtype(dtype).itemsize >= 4:   # float32: 32-row tiles, the largest that do not spill
         return cls(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32, num_stages=2)
       return cls(block_q=64, block_k=64, block_q_bwd=64, block_k_bwd=32, num_stages=3)
@@ -108,12 +108,12 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
   after i + S - T for query i; `segment_ids` [B,T] int32 (T == S) keeps attention inside a
   segment. sm_scale defaults to Dqk**-0.5. `interpret=None`: interpret on CPU only; a
   `pltpu.InterpretParams` runs the TPU form in the TPU interpreter. `block_sizes` defaults to
-  `BlockSizes.for_backend` of the platform.
+  `BlockSizes.get_default` of the platform.
   """
   checks.attention(q, k, v, segment_ids)
   if sm_scale is None:
     sm_scale = q.shape[-1] ** -0.5
-  blocks = block_sizes or BlockSizes.for_backend(platform.target(interpret), q.dtype)
+  blocks = block_sizes or BlockSizes.get_default(platform.target(interpret), q.dtype)
   return _attention(q, k, v, segment_ids, causal=bool(causal), sm_scale=float(sm_scale),
                     interpret=platform.resolve_interpret(interpret), blocks=blocks)
 

@@ -17,7 +17,7 @@ max m, sum-exp l), and a jnp step rescales and combines the partials:
 
 Blocks at or past `lengths[b]` are never visited (the inner loop's trip count stops there).
 
-Two grid forms, picked by `MlaDecodeBlockSizes.sequential_grid`:
+Two grid forms, picked by `BlockSizes.sequential_grid`:
 
 - portable (Triton on GPU, interpret mode on CPU): a program holds its split of the cache and
   loops over its blocks.
@@ -44,7 +44,7 @@ _NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
-class MlaDecodeBlockSizes:
+class BlockSizes:
   """Tiling of `mla_decode`.
 
   block_s: cache entries per inner step; a power of two (>= 16 on GPU, a multiple of 8 on TPU).
@@ -76,13 +76,12 @@ class MlaDecodeBlockSizes:
     return h_pad, min(h_pad, self.block_h or h_pad)
 
   @classmethod
-  def get_default(cls, backend: str | None = None,
-                  dtype=jnp.bfloat16) -> "MlaDecodeBlockSizes":
+  def get_default(cls, backend: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # H200: 132 SMs; acc [block_h, 512] f32 must fit the registers
       if jnp.dtype(dtype).itemsize >= 4:   # float32: 16 x 16 heads on 8 warps spill nothing
         return cls(block_s=16, block_h=16, min_heads=16, min_programs=264, num_warps=8)
-      # H200 sweep 2026-12-04: 4 programs per SM beat 2 (1.04x at 128 heads, 1.12x at 16).
+      # 4 programs per SM beat 2 (see RESULTS.md, 2026-12-04 sweep).
       return cls(block_s=64, block_h=64, min_heads=16, min_programs=528, num_warps=8)
     if backend == "tpu":   # kv block [512, 512] bf16, double-buffered in VMEM; not tuned
       return cls(block_s=512, min_heads=8, sequential_grid=True)
@@ -186,7 +185,7 @@ def _combine(acc, m, l):
   return out / jnp.where(denom == 0.0, 1.0, denom)                    # length 0 -> zeros
 
 
-def _split_sizes(b, s, num_head_blocks, bs: MlaDecodeBlockSizes):
+def _split_sizes(b, s, num_head_blocks, bs: BlockSizes):
   """(entries per split, number of splits): split until the grid reaches min_programs."""
   num_blocks = pl.cdiv(s, bs.block_s)
   wanted = pl.cdiv(bs.min_programs, b * num_head_blocks)
@@ -203,7 +202,7 @@ def _lengths_spec(backend, b):
 
 
 def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interpret=None,
-               block_sizes: MlaDecodeBlockSizes | None = None):
+               block_sizes: BlockSizes | None = None):
   """Absorbed MLA decode; the semantics of `pallas_kernels.reference.mla_decode`.
 
   q_latent [B,H,Dc], q_rope [B,H,Dr], kv_latent [B,S,Dc], k_rope [B,S,Dr], lengths [B] int32
@@ -214,7 +213,7 @@ def mla_decode(q_latent, q_rope, kv_latent, k_rope, lengths, *, sm_scale, interp
   s = kv_latent.shape[1]
   interpret = platform.resolve_interpret(interpret)
   backend = platform.target(interpret)
-  bs = block_sizes or MlaDecodeBlockSizes.get_default(backend, q_latent.dtype)
+  bs = block_sizes or BlockSizes.get_default(backend, q_latent.dtype)
 
   h_pad, block_h = bs.head_tiling(h)
   num_head_blocks = h_pad // block_h

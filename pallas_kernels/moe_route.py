@@ -13,7 +13,7 @@ group-limited greedy). Top-k is k rounds of (max, lowest index attaining it, tak
 so ties break towards the lower index exactly as jax.lax.top_k does. In interpret mode every
 comparison runs on the same float32 values as the reference, so the chosen experts are
 identical; compiled, the kernel's exp/sigmoid may differ from XLA's by an ulp, which can flip
-a near-tie (the GPU check found the experts identical at 4096 x 256 with tied logits).
+a near-tie (none did on an H200: see RESULTS.md, 2026-11-28).
 
 Differentiable in the logits (custom VJP): for the chosen experts, the weights are a smooth
 function of the scores, so the backward pass differentiates that function in plain jnp.
@@ -34,7 +34,7 @@ _NEG_INF = float("-inf")
 
 
 @dataclasses.dataclass(frozen=True)
-class MoeRouteBlockSizes:
+class BlockSizes:
   """Tiling of `moe_route`.
 
   block_n: tokens per program; a power of two on GPU, a multiple of 8 on TPU.
@@ -45,7 +45,7 @@ class MoeRouteBlockSizes:
   num_stages: int = 1
 
   @classmethod
-  def get_default(cls, backend: str | None = None) -> "MoeRouteBlockSizes":
+  def get_default(cls, backend: str | None = None) -> "BlockSizes":
     backend = backend or platform.backend()
     if backend == "gpu":   # several [block_n, 256] float32 tiles live in registers
       return cls(block_n=8, num_warps=2)
@@ -148,12 +148,12 @@ class _Routing:
   norm_topk_prob: bool
   routed_scaling_factor: float
   interpret: platform.Interpret
-  block_sizes: MoeRouteBlockSizes | None
+  block_sizes: BlockSizes | None
 
 
 def moe_route(logits, bias, *, top_k, n_group=1, topk_group=1, score_fn="sigmoid",
               norm_topk_prob=True, routed_scaling_factor=1.0, interpret=None,
-              block_sizes: MoeRouteBlockSizes | None = None):
+              block_sizes: BlockSizes | None = None):
   """DeepSeekMoE routing; the semantics of `pallas_kernels.reference.moe_route`.
 
   logits [N,E], bias [E] or None -> (weights [N,K] float32, experts [N,K] int32). Gradients
@@ -205,7 +205,7 @@ def _route_pallas(routing: _Routing, logits, bias):
   n, e = logits.shape
   interpret = platform.resolve_interpret(routing.interpret)
   backend = platform.target(interpret)
-  bs = block_sizes or MoeRouteBlockSizes.get_default(backend)
+  bs = block_sizes or BlockSizes.get_default(backend)
 
   # Triton needs power-of-two blocks: round E up (masked in the kernel) and K up (sliced off).
   e_pad = pl.next_power_of_2(e) if backend == "gpu" else e

@@ -1,8 +1,8 @@
 """Pure jax.numpy references for every kernel in this package, with the same signatures.
 
-They define the semantics the Pallas kernels are tested against, and they are the `xla` paths
-that deepjax's model uses when no kernel is asked for. `interpret` is accepted and ignored so
-that a reference can stand in for its kernel anywhere.
+They define the semantics the Pallas kernels and `xla_attention` are tested against, and several
+are deepjax's `xla` paths. `interpret` is accepted and ignored so that a reference can stand in
+for its kernel anywhere.
 """
 
 import jax

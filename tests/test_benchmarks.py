@@ -158,9 +158,9 @@ def test_gpu_sweep_configs_are_distinct_triton_configs_with_the_default_first():
   """gpu_check.sh's sweeps spend device time: every config must be a legal Triton tiling
   (power-of-two blocks of at least 16) and none may repeat."""
   attention, decode, gmm = kernel_bench.sweep_configs("gpu")
-  assert attention[0] == kernel_bench.AttentionBlockSizes.for_backend("gpu")
-  assert decode[0] == kernel_bench.MlaDecodeBlockSizes.get_default("gpu")
-  assert gmm[0] == kernel_bench.GmmBlockSizes.for_platform("gpu")
+  assert attention[0] == kernel_bench.AttentionBlockSizes.get_default("gpu")
+  assert decode[0] == kernel_bench.DecodeBlockSizes.get_default("gpu")
+  assert gmm[0] == kernel_bench.GmmBlockSizes.get_default("gpu")
   blocks = [(c.block_q, c.block_k, c.block_q_bwd, c.block_k_bwd) for c in attention]
   blocks += [(c.block_s, c.block_h) for c in decode]
   blocks += [(c.block_m, c.block_k, c.block_n) for c in gmm]

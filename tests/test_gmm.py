@@ -121,12 +121,12 @@ def test_tgmm_k_tile_tunes_apart_from_gmm():
 
 
 def test_block_sizes_per_platform():
-  assert BlockSizes.for_platform("cpu") == BlockSizes(16, 16, 16)
+  assert BlockSizes.get_default("cpu") == BlockSizes(16, 16, 16)
   for name in ("gpu", "tpu"):
-    bs = BlockSizes.for_platform(name)
+    bs = BlockSizes.get_default(name)
     for b in (bs.block_m, bs.block_k, bs.block_n, bs.for_tgmm().block_k):
       assert b >= 16 and b & (b - 1) == 0   # Triton: powers of two, dot dims >= 16
-  tpu = BlockSizes.for_platform("tpu")
+  tpu = BlockSizes.get_default("tpu")
   assert tpu.sequential_grid and tpu.block_m % 8 == 0
   assert tpu.block_k % 128 == 0 and tpu.block_n % 128 == 0
 

@@ -63,9 +63,10 @@ def test_kernels_run_interpreted_on_cpu_after_a_gpu_lowering():
 
 
 def test_model_train_step_with_pallas_kernels_lowers_for_gpu():
-  """The wired model (attention_impl=pallas, moe_impl=pallas): loss and gradients lower for
+  """The wired model (attention, router and experts impl=pallas): loss and gradients lower for
   CUDA with every Triton kernel of attention, the router and the experts in the program."""
-  cfg = dj.ModelConfig(**dict(SMALL_V3, attention_impl="pallas", moe_impl="pallas"))
+  cfg = dj.ModelConfig(**dict(SMALL_V3, attention_impl="pallas", router_impl="pallas",
+                              moe_impl="pallas"))
   graphdef, state = nnx.split(dj.DeepSeek(cfg, rngs=nnx.Rngs(0)))
 
   def loss(state, tokens):

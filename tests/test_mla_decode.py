@@ -7,15 +7,14 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.mla_decode import MlaDecodeBlockSizes, _split_sizes, mla_decode
+from pallas_kernels.mla_decode import BlockSizes, _split_sizes, mla_decode
 
 S, DC, DR = 37, 32, 16   # S is not a multiple of block_s; Dc != Dr
-NO_SPLIT = MlaDecodeBlockSizes(block_s=8)
-SPLIT = MlaDecodeBlockSizes(block_s=8, min_programs=64)   # flash-decoding: 5 splits of 8
-HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4, min_programs=32)
-SEQUENTIAL = MlaDecodeBlockSizes(block_s=8, sequential_grid=True)   # the Mosaic TPU form
-SEQUENTIAL_HEAD_BLOCKS = MlaDecodeBlockSizes(block_s=16, block_h=2, min_heads=4,
-                                             sequential_grid=True)
+NO_SPLIT = BlockSizes(block_s=8)
+SPLIT = BlockSizes(block_s=8, min_programs=64)   # flash-decoding: 5 splits of 8
+HEAD_BLOCKS = BlockSizes(block_s=16, block_h=2, min_heads=4, min_programs=32)
+SEQUENTIAL = BlockSizes(block_s=8, sequential_grid=True)   # the Mosaic TPU form
+SEQUENTIAL_HEAD_BLOCKS = BlockSizes(block_s=16, block_h=2, min_heads=4, sequential_grid=True)
 # Empty row, one entry, the full cache, a block end, a length inside a block, random ones.
 LENGTHS = [0, 1, S, 8, 17] + np.random.default_rng(0).integers(0, S + 1, size=3).tolist()
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -72,7 +71,7 @@ def test_split_choice():
   assert _split_sizes(5, S, 1, SPLIT) == (8, 5)                  # one block per split
   assert _split_sizes(64, S, 1, SPLIT)[1] == 1                   # enough rows: no split
   assert _split_sizes(4, S, 4, HEAD_BLOCKS) == (32, 2)           # head blocks count too
-  bounded = MlaDecodeBlockSizes(block_s=8, max_split=16)
+  bounded = BlockSizes(block_s=8, max_split=16)
   assert _split_sizes(1, S, 1, bounded) == (16, 3)
 
 
@@ -80,7 +79,7 @@ def test_split_choice():
 def test_block_sizes_must_be_powers_of_two(field):
   # block_h=3 of 8 padded heads used to leave heads 6 and 7 unwritten (NaN, or garbage).
   with pytest.raises(ValueError, match=f"powers of two.*{field}"):
-    MlaDecodeBlockSizes(**{field: 6})
+    BlockSizes(**{field: 6})
 
 
 def test_empty_cache_is_refused():

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels import reference
-from pallas_kernels.moe_route import MoeRouteBlockSizes, moe_route
+from pallas_kernels.moe_route import BlockSizes, moe_route
 
-BLOCK = MoeRouteBlockSizes(block_n=16)   # N = 37 leaves a tail block
+BLOCK = BlockSizes(block_n=16)   # N = 37 leaves a tail block
 # Four groups of 8: group 1 repeats its max (its top-2 sum counts it twice); groups 0 and 2
 # score exactly the same.
 _TIED_GROUPS = jnp.array([0.0, 1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0,

@@ -22,7 +22,7 @@ import pallas_kernels as pk
 from pallas_kernels import reference
 from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
 from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
-from pallas_kernels.mla_decode import MlaDecodeBlockSizes
+from pallas_kernels.mla_decode import BlockSizes as DecodeBlockSizes
 import tpu_rules
 
 TPU = pltpu.InterpretParams()
@@ -50,9 +50,9 @@ def _vjp_both(kernel, ref, args, cotangent):
 
 
 def test_tpu_interpreter_picks_the_tpu_forms():
-  assert AttentionBlockSizes.for_backend(pk.platform.target(TPU)).sequential_grid
-  assert GmmBlockSizes.for_platform(pk.platform.target(TPU)).sequential_grid
-  assert MlaDecodeBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
+  assert AttentionBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
+  assert GmmBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
+  assert DecodeBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
   assert pk.platform.target(True) == "interpret" and pk.platform.resolve_interpret(TPU) is TPU
 
 
@@ -240,7 +240,7 @@ def test_attention_blocks_fit_at_long_sequences(t, h):
 def test_portable_attention_would_not_fit_tpu_vmem():
   """Why the TPU form exists: the portable form holds (b, h)'s whole K, V (and Q, dO for dk/dv)
   in VMEM, 28 MiB for dk/dv at 8k tokens."""
-  portable = dataclasses.replace(AttentionBlockSizes.for_backend("tpu"), sequential_grid=False)
+  portable = dataclasses.replace(AttentionBlockSizes.get_default("tpu"), sequential_grid=False)
   calls = tpu_rules.pallas_calls(_attention_train_step(block_sizes=portable),
                                  *_abstract((1, 8192, 16, 192), (1, 8192, 16, 192),
                                             (1, 8192, 16, 128)), None)

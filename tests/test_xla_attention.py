@@ -1,5 +1,6 @@
-"""deepjax.model.attention (the attention_impl="xla" training path, chunked with a hand-written
-backward pass) against pallas_kernels.reference.mla_attention: outputs and gradients."""
+"""pallas_kernels.xla_attention (deepjax's attention_impl="xla" training path, chunked with a
+hand-written backward pass) against pallas_kernels.reference.mla_attention: outputs and
+gradients."""
 
 import functools
 
@@ -8,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepjax.model import attention
-from pallas_kernels import reference
+from pallas_kernels import reference, xla_attention
 from test_mla_attention import _inputs
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "rows", "blocks"))
 def _out_and_grads(q, k, v, do, segment_ids, *, causal, sm_scale, rows, blocks):
-  """(out, dq, dk, dv) of deepjax's attention (chunks of `rows` batch rows, `blocks` causal
+  """(out, dq, dk, dv) of xla_attention (chunks of `rows` batch rows, `blocks` causal
   query blocks) and of the reference."""
-  ours = functools.partial(attention._attention, segment_ids=segment_ids, causal=causal,
+  ours = functools.partial(xla_attention._attention, segment_ids=segment_ids, causal=causal,
                            sm_scale=sm_scale, rows=rows, blocks=blocks)
   ref = functools.partial(reference.mla_attention, segment_ids=segment_ids, causal=causal,
                           sm_scale=sm_scale)
@@ -57,7 +57,7 @@ def test_public_entry_point_and_bfloat16():
   q, k, v, do = _inputs(0, 2, 12, 12, 2, 16, 8, jnp.bfloat16)
   segment_ids = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
   kw = dict(segment_ids=segment_ids, causal=True, sm_scale=0.25)
-  out, vjp = jax.vjp(functools.partial(attention.mla_attention, **kw), q, k, v)
+  out, vjp = jax.vjp(functools.partial(xla_attention.mla_attention, **kw), q, k, v)
   ref_out, ref_vjp = jax.vjp(functools.partial(reference.mla_attention, **kw), q, k, v)
   assert out.dtype == jnp.bfloat16
   for a, e in zip((out, *vjp(do)), (ref_out, *ref_vjp(do))):
@@ -66,18 +66,18 @@ def test_public_entry_point_and_bfloat16():
 
 
 def test_query_blocks_cover_every_query_and_visible_key():
-  assert attention._query_blocks(256, 256, True, 4) == [
+  assert xla_attention._query_blocks(256, 256, True, 4) == [
       (0, 64, 64), (64, 128, 128), (128, 192, 192), (192, 256, 256)]
-  assert attention._query_blocks(4, 10, True, 2) == [(0, 2, 8), (2, 4, 10)]
-  assert attention._query_blocks(8, 8, False, 4) == [(0, 8, 8)]
-  assert attention._query_blocks(9, 9, True, 4) == [(0, 9, 9)]
+  assert xla_attention._query_blocks(4, 10, True, 2) == [(0, 2, 8), (2, 4, 10)]
+  assert xla_attention._query_blocks(8, 8, False, 4) == [(0, 8, 8)]
+  assert xla_attention._query_blocks(9, 9, True, 4) == [(0, 9, 9)]
 
 
 def test_chunk_rows_divide_the_batch_and_fit():
-  assert attention.rows_per_chunk(16, 4, 256, 256) == 2          # tiny preset: 1 MiB per row
-  assert attention.rows_per_chunk(6, 16, 1024, 1024) == 1
-  assert attention.rows_per_chunk(12, 2, 8, 8) == 12             # small: one chunk
-  assert attention.rows_per_chunk(7, 4, 256, 256) == 1           # prime batch
+  assert xla_attention.rows_per_chunk(16, 4, 256, 256) == 2      # tiny preset: 1 MiB per row
+  assert xla_attention.rows_per_chunk(6, 16, 1024, 1024) == 1
+  assert xla_attention.rows_per_chunk(12, 2, 8, 8) == 12         # small: one chunk
+  assert xla_attention.rows_per_chunk(7, 4, 256, 256) == 1       # prime batch
   with pytest.raises(ValueError, match="T == S"):
     q, k, v, _ = _inputs(0, 1, 3, 5, 1, 4, 4)
-    attention.mla_attention(q, k, v, segment_ids=jnp.ones((1, 3), jnp.int32))
+    xla_attention.mla_attention(q, k, v, segment_ids=jnp.ones((1, 3), jnp.int32))

@@ -30,7 +30,7 @@ from pallas_kernels import reference as ref
 from pallas_kernels import tgmm
 from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
 from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
-from pallas_kernels.mla_decode import MlaDecodeBlockSizes
+from pallas_kernels.mla_decode import BlockSizes as DecodeBlockSizes
 
 BF16 = jnp.bfloat16
 
@@ -342,7 +342,7 @@ def _gpu_gmm_candidates(lhs, rhs, grad, sizes):
 
 def bench_gmm(shapes, iters: int, interpret: bool) -> None:
   rows, work = [], []
-  block_m = GmmBlockSizes.for_platform("interpret" if interpret else None).block_m
+  block_m = GmmBlockSizes.get_default("interpret" if interpret else None).block_m
   for m, kd, n, g in shapes:
     lhs, rhs, grad, sizes, flops = _gmm_operands(m, kd, n, g)
     work.append([f"M={m} K={kd} N={n} G={g}", block_m,
@@ -406,7 +406,7 @@ def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) ->
   fastest("attention (fwd+bwd)", configs, seconds)
 
 
-def distinct_decode_tilings(configs, heads: int) -> list[MlaDecodeBlockSizes]:
+def distinct_decode_tilings(configs, heads: int) -> list[DecodeBlockSizes]:
   """configs in order, less those that tile `heads` like an earlier one: with few heads,
   every block_h at or past the padded head count is one program per row's heads."""
   effective = {}
@@ -460,9 +460,9 @@ def sweep_gmm(shape, configs, iters: int, interpret: bool) -> None:
 def sweep_configs(backend: str, dtype=jnp.bfloat16):
   """(attention, decode, gmm) block sizes to sweep on 'gpu' (or tiny ones for 'interpret');
   the platform default for `dtype` first, then the alternatives (tuned around bfloat16)."""
-  attention = AttentionBlockSizes.for_backend(backend, dtype)
-  decode = MlaDecodeBlockSizes.get_default(backend, dtype)
-  gmm = GmmBlockSizes.for_platform(backend, dtype)
+  attention = AttentionBlockSizes.get_default(backend, dtype)
+  decode = DecodeBlockSizes.get_default(backend, dtype)
+  gmm = GmmBlockSizes.get_default(backend, dtype)
   if backend == "interpret":
     return ([attention, dataclasses.replace(attention, block_k=32, block_q_bwd=32)],
             [decode, dataclasses.replace(decode, block_s=32, min_programs=8)],
@@ -526,7 +526,7 @@ def main() -> int:
     # The issue's 128 heads (compute-bound on an H200) and V2-Lite's 16 (memory-bound).
     decode_shapes = [(64, 4096, 128), (64, 16384, 128), (64, 32768, 128), (64, 16384, 16)]
     # V3 experts (32 per device: up and down projections; 8 per device), then V2-Lite's
-    # (4096 tokens x top-6 of 64), the shape measured on 2026-11-28.
+    # (4096 tokens x top-6 of 64; see RESULTS.md, 2026-11-28).
     gmm_shapes = [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32), (16384, 7168, 2048, 8),
                   (24576, 2048, 1408, 64)]
   attn_shapes = _shapes(args.attention_shapes, 3) or attn_shapes

@@ -1,12 +1,13 @@
 """Attention in plain XLA for training: softmax(q k^T * scale + mask) v with a hand-written VJP.
 
-Same signature and semantics as `pallas_kernels.reference.mla_attention` (float32 softmax,
-causal mask aligned bottom-right, segment ids, fully masked rows give zeros), computed for a
-few batch rows at a time (`jax.lax.map`) so that each chunk's [H, T, S] scores stay in cache
-instead of streaming [B, H, T, S] arrays through memory several times per layer; under a
-causal mask, query blocks skip the keys after their last query. The backward pass recomputes
-the probabilities P from the saved row maxima and normalisers (as FlashAttention does) and
-uses the softmax gradient identity (s the softmax scale)
+The XLA form beside the `mla_attention` kernel, with the signature, operand checks and masks
+(`reference.attention_mask`) of `reference.mla_attention`: float32 softmax, causal mask aligned
+bottom-right, segment ids, fully masked rows give zeros. It is computed for a few batch rows at
+a time (`jax.lax.map`) so that each chunk's [H, T, S] scores stay in cache instead of streaming
+[B, H, T, S] arrays through memory several times per layer; under a causal mask, query blocks
+skip the keys after their last query. The backward pass recomputes the probabilities P from the
+saved row maxima and normalisers (FlashAttention, Dao et al., 2022, Algorithm 4) and uses the
+softmax gradient identity (s the softmax scale)
 
     dP = dO V^T,   dS = P * (dP - rowsum(dO * O)),   dQ = s dS K,   dK = s dS^T Q,   dV = P^T dO,
 
@@ -20,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import checks, reference
+
 # Aim for chunks whose float32 scores [rows, H, T, S] take about this many bytes.
 CHUNK_BYTES = 2 << 20
 # Causal attention splits the queries into blocks of this many (at most MAX_QUERY_BLOCKS) and
@@ -32,18 +35,6 @@ def rows_per_chunk(b: int, h: int, t: int, s: int, chunk_bytes: int = CHUNK_BYTE
   """The largest divisor of the batch b whose chunk of scores fits in `chunk_bytes` (>= 1)."""
   fits = max(1, chunk_bytes // (h * t * s * 4))
   return max(d for d in range(1, b + 1) if b % d == 0 and d <= fits)
-
-
-def _mask(t: int, s: int, causal: bool, seg_q, seg_k, offset: int):
-  """[rows or 1, 1, T, S] boolean keys-visible mask, or None when every key is visible.
-  Query i sits at key position i + offset (S - T for a whole sequence: aligned bottom-right)."""
-  mask = None
-  if causal:
-    mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + offset)[None, None]
-  if seg_q is not None:
-    same = (seg_q[:, :, None] == seg_k[:, None, :])[:, None]
-    mask = same if mask is None else mask & same
-  return mask
 
 
 def _probabilities(q, k, mask, sm_scale):
@@ -67,8 +58,16 @@ def _query_blocks(t: int, s: int, causal: bool, blocks: int):
   return [(i * c, (i + 1) * c, max(1, min(s, (i + 1) * c + s - t))) for i in range(blocks)]
 
 
-def _forward_block(q, k, v, seg_q, seg_k, offset, *, causal, sm_scale):
-  mask = _mask(q.shape[1], k.shape[1], causal, seg_q, seg_k, offset)
+def _masked_blocks(t: int, s: int, segment_ids, causal: bool, blocks: int):
+  """[(query start, query end, keys, mask)] of `_query_blocks`, each mask [rows or 1, 1, queries,
+  keys] (or None) sliced from the whole sequence's `reference.attention_mask`, so a block's
+  queries keep their bottom-right aligned positions."""
+  mask = reference.attention_mask(t, s, causal=causal, segment_ids=segment_ids)
+  return [(start, end, keys, None if mask is None else mask[:, None, start:end, :keys])
+          for start, end, keys in _query_blocks(t, s, causal, blocks)]
+
+
+def _forward_block(q, k, v, mask, *, sm_scale):
   e, row_max, denom = _probabilities(q, k, mask, sm_scale)
   inv = 1.0 / jnp.where(denom == 0.0, 1.0, denom)           # rows with no key give zeros
   out = jnp.einsum("bhts,bshd->bthd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -76,21 +75,15 @@ def _forward_block(q, k, v, seg_q, seg_k, offset, *, causal, sm_scale):
   return out.astype(q.dtype), row_max, inv
 
 
-def _forward_chunk(q, k, v, seg_q, seg_k, *, causal, sm_scale, blocks):
-  parts = []
-  t, s = q.shape[1], k.shape[1]
-  for start, end, keys in _query_blocks(t, s, causal, blocks):
-    sq = None if seg_q is None else seg_q[:, start:end]
-    sk = None if seg_k is None else seg_k[:, :keys]
-    parts.append(_forward_block(q[:, start:end], k[:, :keys], v[:, :keys], sq, sk,
-                                start + s - t, causal=causal, sm_scale=sm_scale))
+def _forward_chunk(q, k, v, segment_ids, *, causal, sm_scale, blocks):
+  parts = [_forward_block(q[:, start:end], k[:, :keys], v[:, :keys], mask, sm_scale=sm_scale)
+           for start, end, keys, mask in _masked_blocks(q.shape[1], k.shape[1], segment_ids,
+                                                        causal, blocks)]
   out, row_max, inv = (jnp.concatenate(x, axis) for x, axis in zip(zip(*parts), (1, 2, 2)))
   return out, row_max, inv
 
 
-def _backward_block(q, k, v, seg_q, seg_k, offset, out, row_max, inv, d_out, *, causal,
-                    sm_scale):
-  mask = _mask(q.shape[1], k.shape[1], causal, seg_q, seg_k, offset)
+def _backward_block(q, k, v, mask, out, row_max, inv, d_out, *, sm_scale):
   scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * sm_scale
   p = jnp.exp(scores - row_max) * inv
   if mask is not None:
@@ -105,17 +98,14 @@ def _backward_block(q, k, v, seg_q, seg_k, offset, out, row_max, inv, d_out, *, 
   return dq, dk, dv
 
 
-def _backward_chunk(q, k, v, seg_q, seg_k, out, row_max, inv, d_out, *, causal, sm_scale,
+def _backward_chunk(q, k, v, segment_ids, out, row_max, inv, d_out, *, causal, sm_scale,
                     blocks):
-  t, s = q.shape[1], k.shape[1]
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for start, end, keys in _query_blocks(t, s, causal, blocks):
-    sq = None if seg_q is None else seg_q[:, start:end]
-    sk = None if seg_k is None else seg_k[:, :keys]
+  for start, end, keys, mask in _masked_blocks(q.shape[1], k.shape[1], segment_ids, causal,
+                                               blocks):
     dq_b, dk_b, dv_b = _backward_block(
-        q[:, start:end], k[:, :keys], v[:, :keys], sq, sk, start + s - t, out[:, start:end],
-        row_max[:, :, start:end], inv[:, :, start:end], d_out[:, start:end], causal=causal,
-        sm_scale=sm_scale)
+        q[:, start:end], k[:, :keys], v[:, :keys], mask, out[:, start:end],
+        row_max[:, :, start:end], inv[:, :, start:end], d_out[:, start:end], sm_scale=sm_scale)
     dq.append(dq_b)
     dk, dv = dk.at[:, :keys].add(dk_b), dv.at[:, :keys].add(dv_b)
   dq = jnp.concatenate(dq, axis=1)
@@ -139,14 +129,14 @@ def _attention(q, k, v, segment_ids, causal, sm_scale, rows, blocks=1):
 
 def _attention_fwd(q, k, v, segment_ids, causal, sm_scale, rows, blocks=1):
   fwd = functools.partial(_forward_chunk, causal=causal, sm_scale=sm_scale, blocks=blocks)
-  out, row_max, inv = _chunked(fwd, rows, q, k, v, segment_ids, segment_ids)
+  out, row_max, inv = _chunked(fwd, rows, q, k, v, segment_ids)
   return out, (q, k, v, segment_ids, out, row_max, inv)
 
 
 def _attention_bwd(causal, sm_scale, rows, blocks, residuals, d_out):
   q, k, v, segment_ids, out, row_max, inv = residuals
   bwd = functools.partial(_backward_chunk, causal=causal, sm_scale=sm_scale, blocks=blocks)
-  dq, dk, dv = _chunked(bwd, rows, q, k, v, segment_ids, segment_ids, out, row_max, inv, d_out)
+  dq, dk, dv = _chunked(bwd, rows, q, k, v, segment_ids, out, row_max, inv, d_out)
   return dq, dk, dv, None
 
 
@@ -160,10 +150,9 @@ def mla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, inte
   accepted and ignored, so this stands in for `pallas_kernels.mla_attention`.
   """
   del interpret
+  checks.attention(q, k, v, segment_ids)
   b, t, h, d_qk = q.shape
   s = k.shape[1]
-  if segment_ids is not None and t != s:
-    raise ValueError(f"segment_ids need T == S (self-attention); got T={t}, S={s}")
   sm_scale = d_qk**-0.5 if sm_scale is None else float(sm_scale)
   blocks = min(MAX_QUERY_BLOCKS, t // QUERY_BLOCK) if causal and t % QUERY_BLOCK == 0 else 1
   return _attention(q, k, v, segment_ids, bool(causal), sm_scale, rows_per_chunk(b, h, t, s),
