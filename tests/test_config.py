@@ -6,14 +6,14 @@ import pytest
 import transformers
 
 import deepjax as dj
-from deepjax.config import DEEPJAX_FIELDS
+from deepjax.config import ModelConfig
 from hf_reference import SMALL_V2, SMALL_V3
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "v2-lite", "v3"])
 def test_presets_round_trip_through_hf(name):
   cfg = dj.ModelConfig.preset(name)
-  deepjax_fields = {f: getattr(cfg, f) for f in DEEPJAX_FIELDS}    # not in config.json
+  deepjax_fields = {f: getattr(cfg, f) for f in ModelConfig.deepjax_fields()}    # not in config.json
   again = dj.ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())), **deepjax_fields)
   assert again == cfg and hash(again) == hash(cfg)
 
@@ -71,3 +71,16 @@ def test_unknown_preset():
 def test_v2_group_settings_ignored_when_greedy():
   cfg = dj.ModelConfig(**dict(SMALL_V2, n_group=3, topk_group=1))   # 8 % 3 != 0 but unused
   assert not cfg.uses_groups
+
+
+def test_per_layer_kinds_follow_the_config():
+  """V2 and V3 are configurations of one layer: MLA everywhere, dense MLPs for the first
+  first_k_dense_replace layers, MoE after (MTP blocks included), a plain residual."""
+  cfg = dj.ModelConfig.preset("v3")
+  assert cfg.layer_types == ("mla",) * 62
+  assert cfg.mlp_layer_types == ("dense",) * 3 + ("moe",) * 59
+  assert cfg.residual_kind == "plain"
+  v2 = dj.ModelConfig.preset("v2-lite")
+  assert v2.mlp_layer_types == ("dense",) + ("moe",) * 26
+  assert set(ModelConfig.impl_fields()) == {"attention_impl", "moe_impl", "router_impl"}
+  assert not set(ModelConfig.deepjax_fields()) & set(cfg.to_hf())

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import deepjax as dj
+from deepjax.model.router import SCORE_FNS, route
 from pallas_kernels import reference
 from pallas_kernels.moe_route import BlockSizes, moe_route
 
@@ -104,3 +106,28 @@ def test_gradient_matches_reference(score_fn, norm, groups):
     got = jax.grad(loss(moe_route))(logits)
     want = jax.grad(loss(reference.moe_route))(logits)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(model_type="deepseek_v3", n_group=4, topk_group=2, num_experts_per_tok=4,
+         routed_scaling_factor=2.5),                                  # V3: top-2 group sums
+    dict(model_type="deepseek_v3", n_group=1, topk_group=1, num_experts_per_tok=3,
+         norm_topk_prob=False),
+    dict(model_type="deepseek_v2", topk_method="greedy", num_experts_per_tok=6),
+    dict(model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=8, topk_group=3,
+         num_experts_per_tok=4, routed_scaling_factor=1.5),           # V2: group max
+])
+def test_model_router_equations_match_the_kernel_oracle(fields):
+  """deepjax.model.router.route (router_impl="xla", the equations in the model) chooses the
+  same experts as pallas_kernels.reference.moe_route, with the same gates, ties included."""
+  cfg = dj.ModelConfig(**dict(fields, n_routed_experts=32, hidden_size=16))
+  logits = _logits(37, 32, seed=3)
+  bias = 0.1 * jax.random.normal(jax.random.key(4), (32,)) if cfg.uses_correction_bias else None
+  weights, experts = route(SCORE_FNS[cfg.scoring_func](logits), bias, cfg)
+  want_weights, want_experts = reference.moe_route(
+      logits, bias, top_k=cfg.num_experts_per_tok,
+      n_group=cfg.n_group if cfg.uses_groups else 1,
+      topk_group=cfg.topk_group if cfg.uses_groups else 1, score_fn=cfg.scoring_func,
+      norm_topk_prob=cfg.normalizes_topk, routed_scaling_factor=cfg.routed_scaling_factor)
+  np.testing.assert_array_equal(experts, want_experts)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
