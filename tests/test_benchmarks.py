@@ -66,6 +66,17 @@ def test_train_throughput_prints_every_system_and_the_matmul_rates():
 
 
 @pytest.mark.slow
+def test_train_throughput_loop_mode_times_the_loop_and_its_step():
+  # batch 8: the loop spreads it over all devices, 8 simulated ones here (conftest)
+  out = run_benchmark("train_throughput.py", "--loop", "--batch_size=8", "--seq_len=16",
+                      "--loop_steps=3", "--log_every=2")
+  rows = {row[0]: row for row in table_rows(out, "Training loop against its step")}
+  assert list(rows) == ["deepjax.train.loop.train", "its jitted step alone"]
+  assert all(float(row[1]) > 0 for row in rows.values())
+  assert rows["its jitted step alone"][3] == "100%"
+
+
+@pytest.mark.slow
 def test_decode_throughput_runs_both_systems():
   out = run_benchmark("decode_throughput.py", "--batch=2", "--prompt_len=8",
                       "--new_tokens=4", "--repeats=1")

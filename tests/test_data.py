@@ -3,12 +3,11 @@
 import collections
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from deepjax.data import (DOMAINS, ArrayRecordSource, ByteTokenizer, HFTokenizer, SyntheticCorpus,
-                          TextFileSource, load_tokenizer, make_dataset, next_token_targets)
+                          TextFileSource, load_tokenizer, make_dataset)
 from deepjax.data.packing import SplitLongDocuments
 
 BYTE = ByteTokenizer()
@@ -189,21 +188,6 @@ def test_long_documents_are_split_into_seq_len_pieces():
   assert len(segments) == sum(-(-n // 16) for n in lengths)
   assert sum(len(t) for t, _ in segments) == sum(lengths)
   assert sum(t[0] == BYTE.bos_id for t, _ in segments) == 12
-
-
-def test_next_token_targets_mask_document_boundaries_and_padding():
-  tokens = np.array([[10, 11, 12, 13, 14, 258]])
-  segments = np.array([[1, 1, 2, 2, 2, 0]])
-  targets, mask = next_token_targets(tokens, segments)
-  np.testing.assert_array_equal(mask, [[True, False, True, True, False, False]])
-  np.testing.assert_array_equal(targets, [[11, 0, 13, 14, 0, 0]])
-  targets, mask = jax.jit(next_token_targets, static_argnames="k")(tokens, segments, k=2)
-  np.testing.assert_array_equal(mask, [[False, False, True, False, False, False]])
-  assert targets[0, 2] == 14
-  assert not next_token_targets(tokens, segments, k=9)[1].any()
-  b = next(_dataset(SyntheticCorpus()))
-  targets, mask = next_token_targets(b["tokens"], b["segment_ids"])
-  assert mask.sum() == (b["segment_ids"] > 0).sum() - len(_segments([b]))   # one per document
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Training: objective pieces against hand computations, balancing, sharding, resume, errors."""
 
+import dataclasses
 import functools
 import io
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -19,12 +21,13 @@ from deepjax.model import ModelOutput
 from deepjax.parallel import make_mesh
 from deepjax.train import resolve, train
 from deepjax.train.balance import expert_loads, max_violation
-from deepjax.train.loss import sequence_balance_loss, training_losses
+from deepjax.train.loop import check_model_unchanged
+from deepjax.train.loss import next_token_targets, sequence_balance_loss, training_losses
 from deepjax.train.metrics import Progress, read_metrics
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from deepjax.train.state import init_train_state
 from deepjax.train.step import ObjectiveConfig, make_train_step
-from train_helpers import fast_config, run_train_py, synthetic_data
+from train_helpers import ROOT, fast_config, run_train_py, synthetic_data
 
 
 def test_balance_loss_matches_hand_computation():
@@ -43,6 +46,22 @@ def test_balance_loss_matches_hand_computation():
   expected /= layers * rows
   got = sequence_balance_loss(jnp.asarray(counts), jnp.asarray(affinity), jnp.asarray(tokens), k)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_next_token_targets_mask_document_boundaries_and_padding():
+  tokens = np.array([[10, 11, 12, 13, 14, 258]])
+  segments = np.array([[1, 1, 2, 2, 2, 0]])
+  targets, mask = next_token_targets(tokens, segments)
+  np.testing.assert_array_equal(mask, [[True, False, True, True, False, False]])
+  np.testing.assert_array_equal(targets, [[11, 0, 13, 14, 0, 0]])
+  targets, mask = jax.jit(next_token_targets, static_argnames="k")(tokens, segments, k=2)
+  np.testing.assert_array_equal(mask, [[False, False, True, False, False, False]])
+  assert targets[0, 2] == 14
+  assert not next_token_targets(tokens, segments, k=9)[1].any()
+  b = next(synthetic_data(fast_config()))
+  targets, mask = next_token_targets(b["tokens"], b["segment_ids"])
+  documents = sum(len(np.unique(row[row > 0])) for row in b["segment_ids"])
+  assert mask.sum() == (b["segment_ids"] > 0).sum() - documents   # one less per document
 
 
 def test_mtp_targets_are_tokens_two_ahead_within_documents():
@@ -223,15 +242,56 @@ def test_restore_into_other_model_fails_and_keeps_workdir(tmp_path):
       {k: v for k, v in before.items() if k != "config.json"}
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = fast_config(steps=30, checkpoint_every=1, learning_rate=1e12, grad_clip=1e30,
-                       warmup_steps=1, batch_size=8)
+def test_resume_check_ignores_impl_fields_and_fields_added_since(tmp_path):
+  cfg = dj.ModelConfig.preset("tiny")
+  previous = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  del previous["router_impl"]                              # a field added after that run
+  previous["moe_impl"] = "dense" if cfg.moe_impl != "dense" else "blocked"
+  (tmp_path / "config.json").write_text(json.dumps({"model": previous}))
+  check_model_unchanged(str(tmp_path), cfg)
+  with pytest.raises(ValueError, match="n_routed_experts"):
+    check_model_unchanged(str(tmp_path), cfg.replace(n_routed_experts=cfg.n_routed_experts * 2))
+
+
+def _diverge(workdir, **overrides):
+  """Trains at a huge learning rate until the loss stops being finite; (the step named by
+  NonFiniteLoss, the checkpoints kept)."""
+  config = fast_config(steps=30, learning_rate=1e12, grad_clip=1e30, warmup_steps=1,
+                       batch_size=8, eval_every=0, **overrides)
   model_cfg, train_cfg = resolve(config)
   with pytest.raises(FloatingPointError, match=r"at step (\d+)") as info:
-    train(model_cfg, train_cfg, str(tmp_path), synthetic_data(config), log=lambda s: None)
+    train(model_cfg, train_cfg, str(workdir), synthetic_data(config), log=lambda s: None)
   bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
-  kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  return bad_step, sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  """Losses are read one step late and at log and checkpoint steps: with log_every > 1 the run
+  still names the first non-finite step (the one found reading every step's loss) and never
+  saves a checkpoint at or after it."""
+  bad_step, kept = _diverge(tmp_path / "every", log_every=1, checkpoint_every=1)
   assert kept and max(kept) == bad_step - 1
+  assert bad_step > 2
+  every = bad_step - 1                         # the bad step lies between checkpoint steps
+  named, kept = _diverge(tmp_path / "sparse", log_every=bad_step + 3, checkpoint_every=every,
+                         keep_checkpoints=30)
+  assert named == bad_step
+  assert kept == list(range(every, bad_step, every))
+
+
+def test_workdir_of_the_code_before_one_model_path_resumes(tmp_path):
+  """A workdir trained before the refactor (its checkpoint holds TrainState.rng, since removed)
+  resumes and continues the uninterrupted run's losses."""
+  fixture = os.path.join(ROOT, "tests", "fixtures", "workdir_before_one_model_path")
+  with open(fixture + ".expected.json") as f:
+    expected = json.load(f)["uninterrupted_losses"]
+  workdir = tmp_path / "w"
+  shutil.copytree(fixture, workdir)
+  result = run_train_py(workdir, "--config.eval_every=0", "--config.steps=6")
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  assert f"resumed from {workdir}/checkpoints/4" in result.stdout
+  losses = _losses(workdir)
+  np.testing.assert_allclose([losses[5], losses[6]], [expected["5"], expected["6"]], rtol=1e-5)
 
 
 def _losses(workdir):

@@ -9,6 +9,7 @@ workdir is changed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -74,8 +75,21 @@ class CheckpointManager:
           f"tensors differ), e.g. " + "; ".join(problems[:4]))
 
   def restore(self, step: int, abstract_state):
-    """(state laid out like `abstract_state`'s shardings, data iterator state)."""
-    self._check_shapes(step, abstract_state)
+    """(state laid out like `abstract_state`'s shardings, data iterator state).
+
+    Entries that the state's class lists in `removed_fields` and an older checkpoint still
+    holds are read (unsharded) and dropped."""
+    stored = self._manager.item_metadata(step)["state"]
+    removed = {name: jax.ShapeDtypeStruct(stored[name].shape, stored[name].dtype)
+               for name in getattr(abstract_state, "removed_fields", ()) if name in stored}
+    target = abstract_state
+    if removed:
+      target = {**{f.name: getattr(abstract_state, f.name)
+                   for f in dataclasses.fields(abstract_state)}, **removed}
+    self._check_shapes(step, target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    state = restored.state
+    if removed:
+      state = type(abstract_state)(**{k: v for k, v in state.items() if k not in removed})
+    return state, restored.data

@@ -5,11 +5,10 @@ from deepjax.data.corpus import DOMAINS, SyntheticCorpus
 from deepjax.data.packing import pack_documents
 from deepjax.data.pipeline import EncodeDocument, check_tokenizer, make_dataset
 from deepjax.data.sources import ArrayRecordSource, TextFileSource
-from deepjax.data.targets import next_token_targets
 from deepjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "DOMAINS", "SyntheticCorpus", "TextFileSource", "ArrayRecordSource",
     "Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer",
-    "EncodeDocument", "check_tokenizer", "pack_documents", "make_dataset", "next_token_targets",
+    "EncodeDocument", "check_tokenizer", "pack_documents", "make_dataset",
 ]

@@ -53,15 +53,17 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def check_model_unchanged(workdir: str, model_cfg: ModelConfig) -> None:
-  """Refuses to resume a workdir that was trained with another model config."""
+  """Refuses to resume a workdir that was trained with another model config (implementation
+  choices such as attention_impl may change)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
     previous = json.load(f).get("model", {})
-  current = dataclasses.asdict(model_cfg)
-  changed = {k: (previous.get(k), v) for k, v in current.items()
-             if k in previous and previous[k] != v and k not in ("attention_impl", "moe_impl")}
+  # As config.json holds it (tuples as lists); fields added since that run are not compared.
+  current = json.loads(json.dumps(dataclasses.asdict(model_cfg), default=str))
+  changed = {k: (previous[k], v) for k, v in current.items()
+             if k in previous and previous[k] != v and k not in ModelConfig.impl_fields()}
   if changed:
     details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
     raise ValueError(f"{workdir} holds a run of another model ({details}); use a new workdir "
@@ -102,6 +104,17 @@ def _check_vocabulary(batch: dict, vocab_size: int) -> None:
     bad = tokens[(tokens < 0) | (tokens >= vocab_size)][:5]
     raise ValueError(f"the data yields token ids outside the model's vocabulary "
                      f"[0, {vocab_size}): e.g. {bad.tolist()}; check the tokenizer and vocab_size")
+
+
+def _check_finite(step: int, loss: jax.Array, checkpoints: CheckpointManager) -> None:
+  """Raises NonFiniteLoss if `step`'s loss (on device; reading it waits for that step) is NaN
+  or Inf."""
+  loss = float(jax.device_get(loss))
+  if not math.isfinite(loss):
+    checkpoints.wait()
+    good = checkpoints.latest_step()
+    raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped without saving. The last "
+                        f"good checkpoint (step {good}) is untouched in {checkpoints.directory}")
 
 
 def evaluate(eval_step, state, batches: Iterator[dict], steps: int, sharding) -> dict:
@@ -185,6 +198,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   step, record, eval_record = start, {}, {}
   throughput = []
   window_start, window_steps = time.perf_counter(), 0
+  # The host reads each loss one step late: reading step n's right after dispatching it would
+  # wait for it, while reading step n - 1's lets the next batch load as step n runs (async
+  # dispatch) and keeps at most two steps in flight. Log, eval and checkpoint steps read their
+  # own loss too, so no checkpoint is saved before every loss up to its step is finite.
+  unchecked = None           # (step, loss on device) not yet read
   first = True
   with _StopFlag() as stop:
     try:
@@ -197,24 +215,29 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
         state, metrics = train_step(state, _global_batch(batch, sharding))
         step += 1
         window_steps += 1
-        loss = float(jax.device_get(metrics["loss"]))
+        if unchecked is not None:
+          _check_finite(*unchecked, checkpoints)
+        unchecked = (step, metrics["loss"])
         if step == start + 1:            # leave compilation out of tokens/s
+          jax.block_until_ready(metrics)
           window_start, window_steps = time.perf_counter(), 0
-        if not math.isfinite(loss):
-          checkpoints.wait()
-          good = checkpoints.latest_step()
-          raise NonFiniteLoss(f"loss is {loss} at step {step}; stopped without saving. The last "
-                              f"good checkpoint (step {good}) is untouched in "
-                              f"{checkpoints.directory}")
-        if make_eval_data is not None and cfg.eval_every and (
-            step % cfg.eval_every == 0 or step == cfg.steps):
-          eval_record = evaluate(eval_step, state, make_eval_data(), cfg.eval_steps, sharding)
-        if step % cfg.log_every == 0 or step == last or stop.requested:
+        stopping = stop.requested
+        log_now = step % cfg.log_every == 0 or step == last or stopping
+        eval_now = make_eval_data is not None and cfg.eval_every and (
+            step % cfg.eval_every == 0 or step == cfg.steps)
+        save_now = step % cfg.checkpoint_every == 0 or step == last or stopping
+        if log_now or eval_now or save_now:
+          _check_finite(*unchecked, checkpoints)
+          unchecked = None
+        if log_now:
+          host = jax.device_get(metrics)   # this step is done: the window ends here
           seconds = time.perf_counter() - window_start
           tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
           if window_steps:
             throughput.append(tokens_per_sec)
-          host = jax.device_get(metrics)
+        if eval_now:
+          eval_record = evaluate(eval_step, state, make_eval_data(), cfg.eval_steps, sharding)
+        if log_now:
           host.pop("tokens")
           record = {**host, **eval_record, "tokens_per_sec": tokens_per_sec,
                     "mfu": mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)}
@@ -223,9 +246,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
             record = writer.write(step, record)
             progress.update(step, record)
           window_start, window_steps = time.perf_counter(), 0
-        if step % cfg.checkpoint_every == 0 or step == last or stop.requested:
+        if save_now:
           checkpoints.save(step, state, train_data.get_state())
-        if stop.requested:
+        if stopping:
           checkpoints.wait()
           log(f"SIGTERM: saved step {step} to {checkpoints.directory}; rerun to continue")
           break

@@ -6,7 +6,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from deepjax.data import next_token_targets
 from deepjax.model import ModelOutput
 
 
@@ -17,6 +16,30 @@ class Losses:
   mtp: jax.Array         # (1/D) sum_k L_MTP^k  (V3 eq. 25 without lambda)
   balance: jax.Array     # sum_i f_i P_i averaged over MoE layers (and rows if sequence-wise)
   tokens: jax.Array      # number of valid next-token targets
+
+
+def next_token_targets(tokens, segment_ids, k: int = 1):
+  """Targets k steps ahead within the same document, and where they are valid.
+
+  tokens, segment_ids: [..., T] int, usually [B, T] (numpy or jax; works under jit).
+  Returns (targets int32, mask bool) of the same shape: targets[..., i] = tokens[..., i + k] and
+  mask[..., i] is true iff segment_ids[..., i + k] == segment_ids[..., i] != 0. Positions whose
+  target lies in another document, in padding or past the row end are masked (target 0).
+  k = 1 gives the LM targets, k = 2 .. D + 1 those of the D MTP depths (V3 eq. 24: depth k
+  predicts t_{i+k+1}).
+  """
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  tokens = jnp.asarray(tokens, jnp.int32)
+  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+  shift = min(k, tokens.shape[-1])
+
+  def ahead(x):  # x[..., i + k], 0 past the end of the row
+    return jnp.pad(x[..., shift:], [(0, 0)] * (x.ndim - 1) + [(0, shift)])
+
+  future_segments = ahead(segment_ids)
+  mask = (future_segments == segment_ids) & (segment_ids != 0)
+  return jnp.where(mask, ahead(tokens), 0), mask
 
 
 def cross_entropy(logits, targets, mask):

@@ -15,18 +15,22 @@ from deepjax.train.optimizer import OptimizerConfig
 from deepjax.train.step import ObjectiveConfig
 
 
+# Not flat flags: the mesh is config.mesh.<axis>, the optimizer and objective are flattened
+# into the top level, and total_steps is config.steps.
+_NOT_FLAT = ("mesh", "optimizer", "objective", "total_steps")
+
+
+def _flat_fields(cls) -> list[str]:
+  """cls's fields that are top-level flags of the run config (--config.<field>)."""
+  return [f.name for f in dataclasses.fields(cls) if f.name not in _NOT_FLAT]
+
+
 def default_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  train, opt, objective = TrainConfig(), OptimizerConfig(), ObjectiveConfig()
-  for field in ("steps", "batch_size", "seq_len", "seed", "log_every", "eval_every",
-                "eval_steps", "checkpoint_every", "keep_checkpoints"):
-    c[field] = getattr(train, field)
-  for field in ("learning_rate", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
-                "weight_decay", "grad_clip"):
-    c[field] = getattr(opt, field)
-  for field in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed",
-                "balance_loss_scope"):
-    c[field] = getattr(objective, field)
+  train = TrainConfig()
+  for config in (train, OptimizerConfig(), ObjectiveConfig()):
+    for field in _flat_fields(type(config)):
+      c[field] = getattr(config, field)
   c.mesh = ml_collections.ConfigDict(dict(train.mesh))
   c.data = ml_collections.ConfigDict({
       "source": "synthetic",      # "synthetic" | a glob of text files | a glob of *.arrayrecord
@@ -64,13 +68,9 @@ def resolve(config: ml_collections.ConfigDict) -> tuple[ModelConfig, TrainConfig
   if config.seq_len > model.max_position_embeddings:
     raise ValueError(f"config.seq_len {config.seq_len} exceeds model.max_position_embeddings "
                      f"{model.max_position_embeddings}")
-  optimizer = OptimizerConfig(**{f.name: config[f.name] for f in
-                                 dataclasses.fields(OptimizerConfig) if f.name != "total_steps"},
+  optimizer = OptimizerConfig(**{k: config[k] for k in _flat_fields(OptimizerConfig)},
                               total_steps=config.steps)
-  objective = ObjectiveConfig(**{f.name: config[f.name]
-                                 for f in dataclasses.fields(ObjectiveConfig)})
-  train = TrainConfig(
-      **{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)
-         if f.name not in ("mesh", "optimizer", "objective")},
-      mesh=dict(config.mesh), optimizer=optimizer, objective=objective)
+  objective = ObjectiveConfig(**{k: config[k] for k in _flat_fields(ObjectiveConfig)})
+  train = TrainConfig(**{k: config[k] for k in _flat_fields(TrainConfig)},
+                      mesh=dict(config.mesh), optimizer=optimizer, objective=objective)
   return model, train

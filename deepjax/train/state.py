@@ -1,4 +1,4 @@
-"""Train state: float32 master parameters, optimizer state, balance biases, step and RNG.
+"""Train state: float32 master parameters, optimizer state, balance biases and step.
 
 The model is split once into a static graph definition and three pieces of state: Params
 (trained), RouterBias (V3's correction biases, updated by the balance rule, not the optimizer)
@@ -7,6 +7,8 @@ so a model never has to fit on one device.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -27,7 +29,9 @@ class TrainState:
   params: nnx.State        # nnx.Param
   biases: nnx.State        # RouterBias (may be empty: V2 routers have none)
   opt_state: optax.OptState
-  rng: jax.Array           # uint32 key data, for stochastic parts of training
+  # Entries that older checkpoints hold and this state no longer has; restoring drops them
+  # (deepjax.checkpoint.manager). rng: key data that nothing read.
+  removed_fields: ClassVar[tuple[str, ...]] = ("rng",)
 
 
 def split_model(model: DeepSeek):
@@ -38,8 +42,7 @@ def _create(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int):
   model = DeepSeek(cfg, rngs=nnx.Rngs(seed))
   graphdef, params, biases = split_model(model)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, biases=biases,
-                     opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(seed + 1)))
+                     opt_state=tx.init(params))
   return graphdef, state
 
 

@@ -3,6 +3,7 @@
   python experiments/benchmarks/train_throughput.py                        # tiny, 16 x 256
   python experiments/benchmarks/train_throughput.py --moe_impls=blocked,dense,ragged_dot
   python experiments/benchmarks/train_throughput.py --bf16_row --profile  # + bf16, op profile
+  python experiments/benchmarks/train_throughput.py --loop       # the whole loop vs its step
 
 Both sides train the same config (`ModelConfig.preset(...)`, transformers' through
 `cfg.to_hf()`) on the same batch of random tokens, one full step each: forward, backward,
@@ -27,6 +28,11 @@ these matmuls is also timed in torch (same threads): the two CPU backends' matmu
 bound the ratio between the two train steps. `--bf16_row` adds deepjax with bfloat16 compute;
 `--profile` ends with where deepjax's step spends its op time (`op_profile`). Prints markdown
 tables.
+
+`--loop` instead times the whole training loop, `deepjax.train.loop.train` (data loading
+through the Grain pipeline on the synthetic corpus, host transfers, loss checks, logging),
+against its bare jitted step on one fixed batch, both over `--loop_steps` steps after the
+compiling one (`loop_throughput`); no transformers, no eval.
 """
 
 from __future__ import annotations
@@ -49,9 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import deepjax as dj
+from deepjax import data
 from deepjax.accounting import flops_per_token
 from deepjax.model.dispatch import block_size_for, padded_rows
 from deepjax.parallel import make_mesh
+from deepjax.train import default_config, resolve, train
+from deepjax.train.metrics import read_metrics
 from deepjax.train.mfu import measured_matmul_flops, median_seconds
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from deepjax.train.state import init_train_state
@@ -77,6 +86,10 @@ def parse_args(argv=None):
                  help="also time deepjax without its MTP module (transformers' job)")
   p.add_argument("--bf16_row", action="store_true",
                  help="also time deepjax with bfloat16 compute (float32 parameters)")
+  p.add_argument("--loop", action="store_true",
+                 help="time deepjax.train.loop.train against its bare step (loop_throughput)")
+  p.add_argument("--loop_steps", type=int, default=12, help="--loop: timed steps of each")
+  p.add_argument("--log_every", type=int, default=6, help="--loop: the loop's log_every")
   p.add_argument("--profile", action="store_true",
                  help="after the tables, profile the first deepjax step: op time by kind and "
                       "the costliest ops (jax.profiler, XLA:CPU thunk trace events)")
@@ -219,8 +232,53 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
   sys.stdout.flush()
 
 
+def loop_throughput(args) -> None:
+  """Tokens/s of deepjax.train.loop.train over args.loop_steps steps after its first (which
+  compiles), from the tokens/s it logs: each logged value covers the steps since the previous
+  log, timed up to the logged step's result. Then the same config's bare jitted step, median
+  of as many steps."""
+  config = default_config(args.preset)
+  config.update(dict(steps=1 + args.loop_steps, batch_size=args.batch_size,
+                     seq_len=args.seq_len, seed=args.seed, log_every=args.log_every,
+                     eval_every=0, checkpoint_every=1 + args.loop_steps, keep_checkpoints=1))
+  config.model.update(dtype="float32", attention_impl=args.attention_impl)
+  if args.moe_impls:
+    config.model.moe_impl = args.moe_impls.split(",")[0]
+  model_cfg, train_cfg = resolve(config)
+  tokens_per_step = args.batch_size * args.seq_len
+  print(f"{args.preset} preset (moe_impl={model_cfg.moe_impl}), batch {args.batch_size} x "
+        f"{args.seq_len} tokens, {args.loop_steps} timed steps, log_every {args.log_every}; "
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; CPU pressure (avg60) "
+        f"{cpu_pressure()}", flush=True)
+  batches = data.make_dataset(data.SyntheticCorpus("train", seed=args.seed), data.ByteTokenizer(),
+                              seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                              vocab_size=model_cfg.vocab_size)
+  with tempfile.TemporaryDirectory() as workdir:
+    train(model_cfg, train_cfg, workdir, batches, log=lambda message: None)
+    records = read_metrics(workdir)
+  steps = np.diff([1] + [r["step"] for r in records])
+  seconds = steps * tokens_per_step / np.array([r["tokens_per_sec"] for r in records])
+  loop = steps.sum() * tokens_per_step / seconds.sum()
+
+  tokens = np.random.default_rng(args.seed).integers(
+      0, model_cfg.vocab_size, (args.batch_size, args.seq_len)).astype(np.int32)
+  runner = DeepjaxRunner(model_cfg, tokens, train_cfg.optimizer, args.seed)
+  runner.step()                                 # compiles
+  step = tokens_per_step / statistics.median([runner.step() for _ in range(args.loop_steps)])
+  table(f"Training loop against its step ({args.preset}, {args.batch_size} x {args.seq_len}, "
+        f"{args.loop_steps} steps)", ["system", "ms/step", "tokens/s", "of the step's"],
+        [["deepjax.train.loop.train", f"{tokens_per_step / loop * 1e3:.0f}", f"{loop:,.0f}",
+          f"{loop / step:.0%}"],
+         ["its jitted step alone", f"{tokens_per_step / step * 1e3:.0f}", f"{step:,.0f}",
+          "100%"]])
+  print(f"\nCPU pressure (avg60) at the end: {cpu_pressure()}.")
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
+  if args.loop:
+    loop_throughput(args)
+    return
   if args.profile:   # read when the CPU backend starts, so before any jax computation
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_xprof_traceme=true"]).strip()
