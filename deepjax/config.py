@@ -31,7 +31,7 @@ MOE_IMPLS = ("dense", "ragged_dot", "pallas", "blocked")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _deepjax(default, *, impl: bool = False):
+def deepjax_field(default, *, impl: bool = False):
   """A deepjax field: not part of transformers' config.json. impl: it picks how the model is
   computed, not what it computes (a workdir may resume under another choice)."""
   return dataclasses.field(default=default, metadata={"deepjax": True, "impl": impl})
@@ -78,14 +78,15 @@ class ModelConfig:
   eos_token_id: int | None = 1
   pad_token_id: int | None = None
   # deepjax
-  dtype: str = _deepjax("float32")             # compute dtype; norms/softmax/router stay float32
-  param_dtype: str = _deepjax("float32")
-  attention_impl: str = _deepjax("xla", impl=True)
-  moe_impl: str = _deepjax("ragged_dot", impl=True)      # the experts' dispatch
-  router_impl: str = _deepjax("xla", impl=True)          # xla: model/router.py; pallas: fused
+  dtype: str = deepjax_field("float32")        # compute; norms, softmax, router stay float32
+  param_dtype: str = deepjax_field("float32")
+  attention_impl: str = deepjax_field("xla", impl=True)
+  moe_impl: str = deepjax_field("ragged_dot", impl=True)      # the experts' dispatch
+  router_impl: str = deepjax_field("xla", impl=True)          # xla: model/router.py; pallas: fused
   # Expert parallelism only: None exchanges tokens dropless; c > 0 gives each device pair
-  # c * (its fair share) slots per step and drops the copies beyond (deepjax.parallel.expert_parallel).
-  moe_capacity_factor: float | None = _deepjax(None)
+  # c * (its fair share) slots per step and drops the copies beyond
+  # (deepjax.parallel.expert_parallel).
+  moe_capacity_factor: float | None = deepjax_field(None)
 
   def __hash__(self):
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -187,6 +188,11 @@ class ModelConfig:
     choice("attention_impl", ATTENTION_IMPLS)
     choice("moe_impl", MOE_IMPLS)
     choice("router_impl", ROUTER_IMPLS)
+    for field, kinds, known in (("layer_types", self.layer_types, ATTENTION_KINDS),
+                                ("mlp_layer_types", self.mlp_layer_types, MLP_KINDS),
+                                ("residual_kind", (self.residual_kind,), RESIDUAL_KINDS)):
+      if not set(kinds) <= set(known):
+        fail(field, f"kinds {sorted(set(kinds) - set(known))} are not among {known}")
     choice("dtype", DTYPES)
     choice("param_dtype", DTYPES)
     if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:

@@ -70,7 +70,7 @@ def test_blocked_experts_match_dense_and_ragged_with_gradients(n, k, e, h, i, bl
       "ragged_dot": lambda x, w, *ws: ragged._sorted(x, w, experts, *ws),
       "blocked": lambda x, w, *ws: dispatch.blocked_experts(x, w, experts, *ws, block),
       # the decode-step dispatch: each (token, expert) pair gathers its expert's weights
-      "chosen": lambda x, w, *ws: dense._chosen(x, w, experts, *ws),
+      "chosen": lambda x, w, *ws: dense._gather_chosen(x, w, experts, *ws),
   }
   results = {name: jax.jit(jax.value_and_grad(lambda *a, f=f: jnp.vdot(f(*a), cotangent),
                                               argnums=(0, 1, 2, 3, 4)))(x, weights, *ws)

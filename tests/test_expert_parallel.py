@@ -44,7 +44,8 @@ def _expert_parallel(mesh_sizes, p, capacity_factor=None, gmm=pk.reference.gmm):
 
   def fn(x, w, e, *ws):
     return expert_parallel.routed_experts(x, w, e, *ws, mesh=jax.sharding.get_abstract_mesh(),
-                                          gmm=gmm, capacity_factor=capacity_factor)[0]
+                                          gmm=gmm, capacity_factor=capacity_factor,
+                                          check_vma=gmm is not pk.gmm)[0]
 
   with jax.set_mesh(mesh):
     return _value_and_grads(fn, p)

@@ -98,7 +98,7 @@ def test_cached_greedy_equals_full_recompute(name, v3):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_absorbed_attention_equals_the_mla_module(impl):
+def test_absorbed_form_equals_the_expanded_form(impl):
   """W^UK folded into the query, W^UV into the output, over the latent cache: the same
   attention output as the module's expanded per-head form, for 2 new tokens after 5 cached."""
   cfg = dj.ModelConfig(**dict(V3, attention_impl=impl))

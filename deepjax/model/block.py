@@ -17,14 +17,14 @@ from deepjax.model.norm import RMSNorm
 
 # attention kind -> module; each takes (x, positions, segment_ids, cache, prefill=) and returns
 # (output, updated cache), and names its per-layer cache as `cache_type`.
-ATTENTION = {"mla": MultiHeadLatentAttention}
-MLPS = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
+ATTENTION_MODULES = {"mla": MultiHeadLatentAttention}
+MLP_MODULES = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
         "moe": lambda cfg, rngs: MoE(cfg, rngs=rngs)}
 
 
 def layer_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
   """Zeros of layer `layer`'s cache (its attention kind's), for `max_len` positions."""
-  return ATTENTION[cfg.attention_kind(layer)].cache_type.zeros(cfg, batch, max_len, dtype)
+  return ATTENTION_MODULES[cfg.attention_kind(layer)].cache_type.zeros(cfg, batch, max_len, dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -32,11 +32,11 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-    self.self_attn = ATTENTION[cfg.attention_kind(layer_idx)](cfg, rngs=rngs)
+    self.self_attn = ATTENTION_MODULES[cfg.attention_kind(layer_idx)](cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
                                             param_dtype=pdt)
     self.is_moe = cfg.mlp_kind(layer_idx) == "moe"
-    self.mlp = MLPS[cfg.mlp_kind(layer_idx)](cfg, rngs)
+    self.mlp = MLP_MODULES[cfg.mlp_kind(layer_idx)](cfg, rngs)
 
   def __call__(self, x: jax.Array, positions, segment_ids=None, cache=None, *,
                prefill: bool = False) -> tuple[jax.Array, RouterStats | None, object]:
@@ -46,7 +46,8 @@ class DecoderLayer(nnx.Module):
     x = x + y
     if self.is_moe:
       token_mask = None if segment_ids is None else segment_ids != 0
-      y, stats = self.mlp(self.post_attention_layernorm(x), token_mask)
+      y, stats = self.mlp(self.post_attention_layernorm(x), token_mask,
+                          decoding=cache is not None and not prefill)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(x)), None
     return x + y, stats, cache

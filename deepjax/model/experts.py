@@ -1,8 +1,8 @@
 """Routed experts stored stacked as [E, ...] arrays, and the ways to dispatch to them.
 
-Whatever `moe_impl` says, a batch with no more routed copies than experts (a decode step) runs
-only the chosen experts, gathering their weights. `dense`: every expert on every token, combined by the (mostly zero) gate matrix; simple, exact,
-for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
+A generation step that routes no more copies than there are experts runs only the chosen
+experts, gathering their weights, whatever `moe_impl` says. `dense`: every expert on every
+token, combined by the (mostly zero) gate matrix; simple, exact, for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
 copies of the tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot,
 or pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
 dropless too, the routed copies grouped by expert in equal blocks and run as one batched matmul
@@ -37,10 +37,12 @@ class RoutedExperts(nnx.Module):
     self.up_proj = param(rngs, (e, h, i), ("expert", "embed", "expert_mlp"), pdt, std)
     self.down_proj = param(rngs, (e, i, h), ("expert", "expert_mlp", "embed"), pdt, std)
 
-  def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array, *,
+               decoding: bool = False) -> tuple[jax.Array, jax.Array]:
     """x [N, H], gates weights [N, K] and expert ids [N, K] -> (sum_k g_k FFN_{e_k}(x) [N, H],
-    the number of routed copies dropped by a capacity limit: only expert parallelism has one)."""
+    the number of routed copies dropped by a capacity limit: only expert parallelism has one).
+    decoding: a generation step; with no more routed copies than experts it gathers only the
+    chosen experts' weights (`_gather_chosen`) whatever `moe_impl` says."""
     dt = jnp.dtype(self.cfg.dtype)
     x = x.astype(dt)
     wg, wu, wd = (w[...].astype(dt) for w in (self.gate_proj, self.up_proj, self.down_proj))
@@ -48,28 +50,27 @@ class RoutedExperts(nnx.Module):
     if expert_parallel.is_active(mesh):
       return expert_parallel.routed_experts(
           x, weights, experts, wg, wu, wd, mesh=mesh, gmm=grouped_matmul_fn(self.cfg.moe_impl),
-          capacity_factor=self.cfg.moe_capacity_factor)
+          capacity_factor=self.cfg.moe_capacity_factor, check_vma=self.cfg.moe_impl != "pallas")
+    if decoding and experts.size <= wg.shape[0]:
+      return self._gather_chosen(x, weights, experts, wg, wu, wd), jnp.zeros((), jnp.int32)
     return self._local(x, weights, experts, wg, wu, wd), jnp.zeros((), jnp.int32)
 
   def _local(self, x, weights, experts, wg, wu, wd):
-    """Every expert on this device: the dispatch `moe_impl` names, or, for no more routed
-    copies than experts (decoding a few tokens), only the chosen experts."""
-    if experts.size <= wg.shape[0]:
-      return self._chosen(x, weights, experts, wg, wu, wd)
+    """Every expert on this device: the dispatch `moe_impl` names."""
     if self.cfg.moe_impl == "blocked":
       n, k = experts.shape
       e = wg.shape[0]
       block = block_size_for(n * k, e)
       if padded_rows(n * k, e, block) < n * e:
         return blocked_experts(x, weights, experts, wg, wu, wd, block)
-      # So few tokens (e.g. decoding) that the padded blocks hold more rows than computing
+      # So few tokens (e.g. a short prompt) that the padded blocks hold more rows than computing
       # every expert on every token: the dense form is then the cheaper exact one.
       return self._dense(x, weights, experts, wg, wu, wd)
     if self.cfg.moe_impl == "dense":
       return self._dense(x, weights, experts, wg, wu, wd)
     return self._sorted(x, weights, experts, wg, wu, wd)
 
-  def _chosen(self, x, weights, experts, wg, wu, wd):
+  def _gather_chosen(self, x, weights, experts, wg, wu, wd):
     """Each (token, expert) pair gathers its expert's matrices and runs a batched
     matrix-vector product: a step that routes a handful of tokens is bound by reading expert
     weights, so it reads only those chosen, as DeepSeek's inference/model.py runs only the

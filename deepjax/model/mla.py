@@ -135,7 +135,8 @@ class MultiHeadLatentAttention(nnx.Module):
   def latent(self, x, positions):
     """What the cache holds: normalised c_kv [B,T,kv_lora] and the shared k_rope [B,T,rope]."""
     c_kv, k_rope = jnp.split(self.kv_a_proj_with_mqa(x), [self.cfg.kv_lora_rank], axis=-1)
-    return self.kv_a_layernorm(c_kv), apply_rope(k_rope[:, :, None, :], positions, self.cfg)[:, :, 0]
+    k_rope = apply_rope(k_rope[:, :, None, :], positions, self.cfg)[:, :, 0]     # one head
+    return self.kv_a_layernorm(c_kv), k_rope
 
   def expanded(self, q_nope, q_rope, c_kv, k_rope, segment_ids):
     """Per-head keys [k^C; k^R] and values v^C from c^KV (V2 eqs. 10-11, 15-19) -> [B,T,H,v]."""

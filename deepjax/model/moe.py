@@ -37,13 +37,14 @@ class MoE(nnx.Module):
     self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts,
                               rngs=rngs) if cfg.n_shared_experts > 0 else None
 
-  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None
-               ) -> tuple[jax.Array, RouterStats]:
-    """x [B, T, H]; token_mask [B, T] (False on padding) only affects the statistics."""
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *,
+               decoding: bool = False) -> tuple[jax.Array, RouterStats]:
+    """x [B, T, H]; token_mask [B, T] (False on padding) only affects the statistics;
+    decoding: a step over the few new tokens of generation (see RoutedExperts)."""
     b, t, h = x.shape
     flat = x.reshape(b * t, h)
     routing = self.gate(flat)
-    y, dropped = self.experts(flat, routing.weights, routing.experts)
+    y, dropped = self.experts(flat, routing.weights, routing.experts, decoding=decoding)
     y = y.reshape(b, t, h).astype(x.dtype)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)

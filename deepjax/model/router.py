@@ -39,7 +39,10 @@ class Routing:
 
 def route(scores: jax.Array, bias: jax.Array | None, cfg: ModelConfig
           ) -> tuple[jax.Array, jax.Array]:
-  """Top-k selection and gates from the affinities scores [N, E] -> (weights, experts) [N, K]."""
+  """Top-k selection and gates from the affinities scores [N, E] -> (weights, experts) [N, K].
+
+  The kernel's oracle `pallas_kernels.reference.moe_route` states the same math over plain
+  arguments (kernels know no config); tests/test_moe_route.py holds the two equal."""
   n, e = scores.shape
   choice = scores if bias is None else scores + bias[None, :]   # V3 eq. 16: b selects only
   if cfg.uses_groups:

@@ -52,10 +52,13 @@ def slots_per_device(num_pairs: int, devices: int, capacity_factor: float | None
 
 
 def routed_experts(x, weights, experts, w_gate, w_up, w_down, *, mesh, gmm: Callable,
-                   capacity_factor: float | None = None):
+                   capacity_factor: float | None = None, check_vma: bool = True):
   """x [N, H], gates weights [N, K], expert ids experts [N, K] (global arrays, N split over the
   batch axes); w_gate, w_up [E, H, I], w_down [E, I, H]; gmm(rows, w, group_sizes), the grouped
-  matmul (pallas_kernels.gmm or its reference) -> (y [N, H], dropped copies [])."""
+  matmul (pallas_kernels.gmm or its reference) -> (y [N, H], dropped copies []).
+
+  check_vma: False only for a Pallas gmm, whose pallas_call out_shape sets no manual_axis_type
+  (how the output varies over the mesh axes), which shard_map's check requires."""
   num_experts, _, inter = w_gate.shape
   check_divisibility(mesh, batch_size=x.shape[0], n_routed_experts=num_experts,
                      batch_name="expert parallelism: tokens")
@@ -70,10 +73,7 @@ def routed_experts(x, weights, experts, w_gate, w_up, w_down, *, mesh, gmm: Call
       local, mesh=mesh,
       in_specs=(tokens, tokens, tokens, P(EXPERT_AXIS, None, tensor),
                 P(EXPERT_AXIS, None, tensor), P(EXPERT_AXIS, tensor, None)),
-      out_specs=(tokens, P()),
-      # Only the Pallas gmm goes unchecked: its pallas_call out_shape sets no manual_axis_type
-      # (how the output varies over the mesh axes), which check_vma requires; ragged_dot's does.
-      check_vma=gmm is not pk.gmm)(x, weights, experts, w_gate, w_up, w_down)
+      out_specs=(tokens, P()), check_vma=check_vma)(x, weights, experts, w_gate, w_up, w_down)
 
 
 def _local_experts(x, weights, experts, w_gate, w_up, w_down, *, devices, capacity_factor, gmm,

@@ -202,7 +202,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   # wait for it, while reading step n - 1's lets the next batch load as step n runs (async
   # dispatch) and keeps at most two steps in flight. Log, eval and checkpoint steps read their
   # own loss too, so no checkpoint is saved before every loss up to its step is finite.
-  unchecked = None           # (step, loss on device) not yet read
+  pending_loss = None           # (step, loss on device) not yet read
   first = True
   with _StopFlag() as stop:
     try:
@@ -215,9 +215,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
         state, metrics = train_step(state, _global_batch(batch, sharding))
         step += 1
         window_steps += 1
-        if unchecked is not None:
-          _check_finite(*unchecked, checkpoints)
-        unchecked = (step, metrics["loss"])
+        if pending_loss is not None:
+          _check_finite(*pending_loss, checkpoints)
+        pending_loss = (step, metrics["loss"])
         if step == start + 1:            # leave compilation out of tokens/s
           jax.block_until_ready(metrics)
           window_start, window_steps = time.perf_counter(), 0
@@ -227,16 +227,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
             step % cfg.eval_every == 0 or step == cfg.steps)
         save_now = step % cfg.checkpoint_every == 0 or step == last or stopping
         if log_now or eval_now or save_now:
-          _check_finite(*unchecked, checkpoints)
-          unchecked = None
+          _check_finite(*pending_loss, checkpoints)
+          pending_loss = None
         if log_now:
           host = jax.device_get(metrics)   # this step is done: the window ends here
           seconds = time.perf_counter() - window_start
           tokens_per_sec = window_steps * cfg.batch_size * cfg.seq_len / max(seconds, 1e-9)
           if window_steps:
             throughput.append(tokens_per_sec)
-        if eval_now:
+        if eval_now:              # left out of tokens/s, which counts training only
+          began = time.perf_counter()
           eval_record = evaluate(eval_step, state, make_eval_data(), cfg.eval_steps, sharding)
+          window_start += time.perf_counter() - began
         if log_now:
           host.pop("tokens")
           record = {**host, **eval_record, "tokens_per_sec": tokens_per_sec,
