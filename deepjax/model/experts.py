@@ -2,9 +2,10 @@
 
 A generation step that routes no more copies than there are experts runs only the chosen
 experts, gathering their weights, whatever `moe_impl` says. `dense`: every expert on every
-token, combined by the (mostly zero) gate matrix; simple, exact, for tiny configs. `ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed
-copies of the tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot,
-or pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
+token, combined by the (mostly zero) gate matrix; simple, exact, for tiny configs.
+`ragged_dot` / `pallas`: dropless sort-by-expert dispatch; the N*K routed copies of the
+tokens are sorted by expert and run through grouped matmuls (jax.lax.ragged_dot, or
+pallas_kernels.gmm), then put back in token order and summed with their gates. `blocked`:
 dropless too, the routed copies grouped by expert in equal blocks and run as one batched matmul
 (deepjax.model.dispatch); its cost follows the active FLOPs on every backend, the fast path on
 CPU, where ragged_dot costs as much as `dense`. Under a mesh whose `expert` axis is > 1, the
