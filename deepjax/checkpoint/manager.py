@@ -60,10 +60,9 @@ class CheckpointManager:
   def close(self) -> None:
     self._manager.close()
 
-  def _check_shapes(self, step: int, abstract_state) -> None:
+  def _check_shapes(self, step: int, stored_metadata, abstract_state) -> None:
     stored = {_path_name(p): tuple(m.shape) for p, m in
-              jax.tree_util.tree_flatten_with_path(self._manager.item_metadata(step)["state"])[0]
-              if hasattr(m, "shape")}
+              jax.tree_util.tree_flatten_with_path(stored_metadata)[0] if hasattr(m, "shape")}
     wanted = {_path_name(p): tuple(np.shape(x))
               for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     problems = [f"{k}: checkpoint {stored.get(k, 'missing')}, model {v}"
@@ -86,7 +85,7 @@ class CheckpointManager:
     if removed:
       target = {**{f.name: getattr(abstract_state, f.name)
                    for f in dataclasses.fields(abstract_state)}, **removed}
-    self._check_shapes(step, target)
+    self._check_shapes(step, stored, target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     state = restored.state
