@@ -10,6 +10,8 @@ is "highest".
 from pallas_kernels import reference, xla_attention
 from pallas_kernels.dispatch import rank_within_group, sort_by_expert
 from pallas_kernels.gmm import gmm, tgmm
+from pallas_kernels.lightning_indexer import lightning_indexer
 from pallas_kernels.mla_attention import mla_attention
 from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.moe_route import moe_route
+from pallas_kernels.sparse_mqa_attention import sparse_mqa_attention

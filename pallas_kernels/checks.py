@@ -120,3 +120,48 @@ def tgmm(lhs, grad, group_sizes) -> None:
     _fail(kernel, f"grad must be [M={lhs.shape[0]},N] like lhs {lhs.shape}; got {grad.shape}")
   _floating(kernel, lhs=lhs, grad=grad)
   _integer(kernel, "group_sizes", group_sizes)
+
+
+def sparse_attention(q, kv, indices, *, d_v: int, sink) -> None:
+  """q [B,T,H,D], kv [B,S,D] with S >= 1, indices [B,T,K] int32, 1 <= d_v <= D, sink None or
+  [H] floating."""
+  kernel = "sparse_mqa_attention"
+  _ranks(kernel, q=(q, "[B,T,H,D]"), kv=(kv, "[B,S,D]"), indices=(indices, "[B,T,K]"))
+  _floating(kernel, q=q, kv=kv, sink=sink)
+  b, t, h, d = q.shape
+  if kv.shape[0] != b or kv.shape[2] != d:
+    _fail(kernel, f"kv must be [B={b},S,D={d}] for q {q.shape}; got {kv.shape}")
+  if kv.shape[1] == 0:
+    _fail(kernel, f"needs at least one key; kv is {kv.shape}")
+  if indices.shape[:2] != (b, t):
+    _fail(kernel, f"indices must be [B={b},T={t},K] for q {q.shape}; got {indices.shape}")
+  if indices.dtype != jnp.int32:
+    _fail(kernel, f"indices must be int32; got {indices.dtype}")
+  if not 1 <= d_v <= d:
+    _fail(kernel, f"d_v must be in [1, D={d}] (values are kv[..., :d_v]); got {d_v}")
+  if sink is not None and sink.shape != (h,):
+    _fail(kernel, f"sink must be [H] = ({h},) for q {q.shape}; got {sink.shape}")
+
+
+def indexer(q, k, w, *, top_k: int, q_positions, k_positions) -> None:
+  """q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi], q_positions [B,T] and k_positions [B,S] integers,
+  top_k >= 1."""
+  kernel = "lightning_indexer"
+  _ranks(kernel, q=(q, "[B,T,Hi,Di]"), k=(k, "[B,S,Di]"), w=(w, "[B,T,Hi]"),
+         q_positions=(q_positions, "[B,T]"), k_positions=(k_positions, "[B,S]"))
+  _floating(kernel, q=q, k=k, w=w)
+  b, t, hi, di = q.shape
+  s = k.shape[1]
+  want = {"k": (k, (b, s, di)), "w": (w, (b, t, hi)), "q_positions": (q_positions, (b, t)),
+          "k_positions": (k_positions, (b, s))}
+  bad = [f"{name} must be {shape}, got {tuple(x.shape)}"
+         for name, (x, shape) in want.items() if tuple(x.shape) != shape]
+  if bad:
+    _fail(kernel, f"for q {q.shape} and k {k.shape} (B={b}, T={t}, Hi={hi}, Di={di}, S={s}): "
+                  + "; ".join(bad))
+  if s == 0:
+    _fail(kernel, f"needs at least one key; k is {k.shape}")
+  _integer(kernel, "q_positions", q_positions)
+  _integer(kernel, "k_positions", k_positions)
+  if not isinstance(top_k, int) or top_k < 1:
+    _fail(kernel, f"top_k must be a positive int; got {top_k!r}")

@@ -142,3 +142,62 @@ def tgmm(lhs, grad, group_sizes, *, interpret=None):
   one_hot = (group_of_row[:, None] == jnp.arange(g)[None, :]).astype(jnp.float32)
   return jnp.einsum("mg,mk,mn->gkn", one_hot, lhs.astype(jnp.float32),
                     grad.astype(jnp.float32))
+
+
+def sparse_mqa_attention(q, kv, indices, *, d_v, sm_scale, sink=None, interpret=None):
+  """Top-k sparse attention with one shared KV head (DSA's MQA form, V3.2 §2; V4's CSA/HCA).
+
+  q [B,T,H,D], kv [B,S,D]: keys are kv, values kv[..., :d_v]. indices [B,T,K] int32 into S;
+  -1 (or anything outside [0, S)) is an empty slot. For each query row,
+  p = softmax over its valid slots of sm_scale * q . kv[idx], with the optional sink [H] joining
+  the denominator as a logit whose value is zero (V4's attention sink):
+  out = sum_k p_k kv[idx_k, :d_v] -> [B,T,H,d_v] in q's dtype. A row with no valid slot and no
+  sink gives zeros. Gathers [B,T,K,D]: memory O(T K D), never O(T S).
+  """
+  del interpret
+  checks.sparse_attention(q, kv, indices, d_v=d_v, sink=sink)
+  s = kv.shape[1]
+  valid = (indices >= 0) & (indices < s)                               # [B,T,K]
+  rows = jax.vmap(lambda x, i: x[i])(kv, jnp.where(valid, indices, 0))  # [B,T,K,D]
+  scores = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32)
+  scores = jnp.where(valid[:, :, None, :], scores * sm_scale, _NEG_INF)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  if sink is not None:
+    sink = sink.astype(jnp.float32)[None, None, :, None]
+    row_max = jnp.maximum(row_max, sink)
+  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+  p = jnp.exp(scores - row_max)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  if sink is not None:
+    denom += jnp.exp(sink - row_max)
+  p = p / jnp.where(denom == 0.0, 1.0, denom)
+  out = jnp.einsum("bthk,btkd->bthd", p.astype(kv.dtype), rows[..., :d_v],
+                   preferred_element_type=jnp.float32)
+  return out.astype(q.dtype)
+
+
+def indexer_scores(q, k, w):
+  """The lightning indexer's scores (V3.2 eq. 1): I[b,t,s] = sum_h w[b,t,h] relu(q[b,t,h] . k[b,s]),
+  float32, [B,T,S]."""
+  dots = jnp.einsum("bthd,bsd->btsh", q, k, preferred_element_type=jnp.float32)
+  return jnp.einsum("btsh,bth->bts", jax.nn.relu(dots), w.astype(jnp.float32))
+
+
+def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, interpret=None):
+  """The top_k keys of each query by indexer score, among the keys it can see.
+
+  q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi] (scales folded in by the caller); key s is visible from
+  query t iff k_positions[b,s] <= q_positions[b,t]. -> (indices [B,T,top_k] int32, scores
+  [B,T,top_k] float32), highest score first, ties to the lower s, -1 and -inf past the visible
+  keys. Differentiable in q, k and w through the selected scores (the indexer's KL loss).
+  Materialises [B,T,S]: the dense stage's form, and the oracle of the kernel.
+  """
+  del interpret
+  checks.indexer(q, k, w, top_k=top_k, q_positions=q_positions, k_positions=k_positions)
+  s = k.shape[1]
+  visible = k_positions[:, None, :] <= q_positions[:, :, None]
+  scores = jnp.where(visible, indexer_scores(q, k, w), _NEG_INF)
+  if top_k > s:
+    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, top_k - s)), constant_values=_NEG_INF)
+  top, indices = jax.lax.top_k(scores, top_k)
+  return jnp.where(top > _NEG_INF, indices, -1).astype(jnp.int32), top
