@@ -8,7 +8,7 @@ Pallas score tiles and a running top-k, so that memory stays O(T (top_k + chunk)
 
 Two levels. The keys are taken `chunk` at a time; for each chunk a Pallas kernel computes the
 score tile [T, chunk] (a program owns a [block_t, block_s] tile and loops over the indexer
-heads, one [block_t, Di] x [Di, block_s] dot per head, accumulating w * relu in float32), and
+heads, one [block_s, Di] x [Di, block_t] dot per head, accumulating w * relu in float32), and
 XLA's top_k keeps the best of the running top_k and the chunk's. The running set comes first
 in that merge and holds only lower key indices, and top_k orders equal values by position, so
 ties go to the lower s exactly as one top_k over all keys would. The full [T, S] matrix never
@@ -94,21 +94,24 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _score_kernel(q_ref, k_ref, w_ref, q_pos_ref, k_pos_ref, out_ref):
-  """One [block_t, block_s] tile: sum over heads of w * relu(q k^T), -inf where not visible."""
+  """One [block_t, block_s] tile: sum over heads of w * relu(q k^T), -inf where not visible.
+  Built transposed, keys x queries, so that a head's weights are a row [1, block_t] (a column
+  would take a whole 128-lane tile per query in TPU VMEM)."""
   keys = k_ref[...]                                                      # [bs, Di]
 
   def head(h, acc):
-    dots = lax.dot_general(q_ref[h], keys, (((1,), (1,)), ((), ())),
-                           preferred_element_type=jnp.float32)           # [bt, bs]
-    return acc + jnp.maximum(dots, 0.0) * w_ref[h].astype(jnp.float32)  # w [bt, 1]
+    dots = lax.dot_general(keys, q_ref[h], (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32)           # [bs, bt]
+    return acc + jnp.maximum(dots, 0.0) * w_ref[h].astype(jnp.float32)  # w [1, bt]
 
-  scores = lax.fori_loop(0, q_ref.shape[0], head, jnp.zeros(out_ref.shape, jnp.float32))
-  out_ref[...] = jnp.where(k_pos_ref[...] <= q_pos_ref[...], scores, _NEG_INF)
+  scores = lax.fori_loop(0, q_ref.shape[0], head, jnp.zeros(out_ref.shape[::-1], jnp.float32))
+  scores = jnp.where(k_pos_ref[...] <= q_pos_ref[...], scores, _NEG_INF)  # [bs,1] vs [1,bt]
+  out_ref[...] = scores.T
 
 
 def _score_tiles(c: _Config, q, k, w, q_pos, k_pos):
-  """Scores [B, T_pad, S_chunk] of one chunk of keys. q [B,Hi,T_pad,Di], w [B,Hi,T_pad,1],
-  q_pos [B,T_pad,1], k [B,S_chunk,Di], k_pos [B,1,S_chunk]."""
+  """Scores [B, T_pad, S_chunk] of one chunk of keys. q [B,Hi,T_pad,Di], w [B,Hi,1,T_pad],
+  q_pos [B,1,T_pad], k [B,S_chunk,Di], k_pos [B,S_chunk,1]."""
   b, hi, t_pad, di = q.shape
   s = k.shape[1]
   bt, bs = c.blocks.block_t, c.blocks.block_s
@@ -118,9 +121,9 @@ def _score_tiles(c: _Config, q, k, w, q_pos, k_pos):
       in_specs=[
           pl.BlockSpec((None, hi, bt, di), lambda i, j, l: (i, 0, j, 0)),
           pl.BlockSpec((None, bs, di), lambda i, j, l: (i, l, 0)),
-          pl.BlockSpec((None, hi, bt, 1), lambda i, j, l: (i, 0, j, 0)),
-          pl.BlockSpec((None, bt, 1), lambda i, j, l: (i, j, 0)),
-          pl.BlockSpec((None, 1, bs), lambda i, j, l: (i, 0, l)),
+          pl.BlockSpec((None, hi, 1, bt), lambda i, j, l: (i, 0, 0, j)),
+          pl.BlockSpec((None, 1, bt), lambda i, j, l: (i, 0, j)),
+          pl.BlockSpec((None, bs, 1), lambda i, j, l: (i, l, 0)),
       ],
       out_specs=pl.BlockSpec((None, bt, bs), lambda i, j, l: (i, j, l)),
       out_shape=jax.ShapeDtypeStruct((b, t_pad, s), jnp.float32),
@@ -141,15 +144,15 @@ def _select(c: _Config, q, k, w, q_positions, k_positions):
   chunk = min(chunk, _round_up(s, c.blocks.block_s))
   t_pad, s_pad = _round_up(t, bt), _round_up(s, chunk)
   q_t = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  w_t = jnp.pad(w, ((0, 0), (0, t_pad - t), (0, 0))).transpose(0, 2, 1)[..., None]
-  q_pos = jnp.pad(q_positions, ((0, 0), (0, t_pad - t)))[..., None]
+  w_t = jnp.pad(w, ((0, 0), (0, t_pad - t), (0, 0))).transpose(0, 2, 1)[:, :, None]
+  q_pos = jnp.pad(q_positions, ((0, 0), (0, t_pad - t)))[:, None]
   k_p = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0)))
-  k_pos = jnp.pad(k_positions, ((0, 0), (0, s_pad - s)), constant_values=_INVISIBLE)[:, None]
+  k_pos = jnp.pad(k_positions, ((0, 0), (0, s_pad - s)), constant_values=_INVISIBLE)[..., None]
   kk = min(c.top_k, chunk)
 
   def chunk_top(start):
     tile = _score_tiles(c, q_t, lax.dynamic_slice_in_dim(k_p, start, chunk, 1), w_t, q_pos,
-                        lax.dynamic_slice_in_dim(k_pos, start, chunk, 2))
+                        lax.dynamic_slice_in_dim(k_pos, start, chunk, 1))
     values, ids = lax.top_k(tile, kk)
     return values, ids + start
 

@@ -17,6 +17,10 @@ KV, KR = jnp.zeros((B, S, 512)), jnp.zeros((B, S, 64))
 LENGTHS = jnp.array([3, 5], jnp.int32)
 LOGITS = jnp.zeros((4, 8))
 LHS, RHS, SIZES = jnp.zeros((10, 16)), jnp.zeros((3, 16, 8)), jnp.array([3, 3, 4], jnp.int32)
+SQ, SKV, SIDX = jnp.zeros((B, T, H, 48)), jnp.zeros((B, S, 48)), jnp.zeros((B, T, 4), jnp.int32)
+IQ, IK, IW = jnp.zeros((B, T, H, 16)), jnp.zeros((B, S, 16)), jnp.zeros((B, T, H))
+QPOS = jnp.zeros((B, T), jnp.int32)
+KPOS = jnp.zeros((B, S), jnp.int32)
 
 
 def attention(k=K, v=V, q=Q, segment_ids=None):
@@ -31,6 +35,14 @@ def decode(q_latent=QL, q_rope=QR, kv_latent=KV, k_rope=KR, lengths=LENGTHS):
 def route(bias=None, top_k=2, n_group=1, topk_group=1, score_fn="sigmoid", logits=LOGITS):
   return dict(logits=logits, bias=bias, top_k=top_k, n_group=n_group,
               topk_group=topk_group, score_fn=score_fn)
+
+
+def sparse(q=SQ, kv=SKV, indices=SIDX, d_v=32, sink=None):
+  return dict(q=q, kv=kv, indices=indices, d_v=d_v, sm_scale=1.0, sink=sink)
+
+
+def indexer(q=IQ, k=IK, w=IW, top_k=4, q_positions=QPOS, k_positions=KPOS):
+  return dict(q=q, k=k, w=w, top_k=top_k, q_positions=q_positions, k_positions=k_positions)
 
 
 CASES = [
@@ -72,6 +84,28 @@ CASES = [
      r"group_sizes must be \[G\]"),
     ("tgmm", dict(lhs=LHS, grad=jnp.zeros((10, 8), jnp.int32), group_sizes=SIZES),
      "tgmm: grad must be floating point"),
+    ("sparse_mqa_attention", sparse(indices=SIDX.astype(jnp.int16)),
+     "indices must be int32; got int16"),
+    ("sparse_mqa_attention", sparse(indices=SIDX.astype(jnp.float32)),
+     "indices must be int32; got float32"),
+    ("sparse_mqa_attention", sparse(indices=SIDX[:, :8]),
+     r"indices must be \[B=2,T=16,K\] .* got \(2, 8, 4\)"),
+    ("sparse_mqa_attention", sparse(indices=SIDX[0]), r"indices must be \[B,T,K\]"),
+    ("sparse_mqa_attention", sparse(d_v=49), r"d_v must be in \[1, D=48\]"),
+    ("sparse_mqa_attention", sparse(d_v=0), r"d_v must be in \[1, D=48\]"),
+    ("sparse_mqa_attention", sparse(kv=SKV[..., :32]), r"kv must be \[B=2,S,D=48\]"),
+    ("sparse_mqa_attention", sparse(kv=SKV[:, :0]), "needs at least one key"),
+    ("sparse_mqa_attention", sparse(sink=jnp.zeros((3,))), r"sink must be \[H\] = \(2,\)"),
+    ("sparse_mqa_attention", sparse(q=SQ.astype(jnp.int32)), "q must be floating point"),
+    ("lightning_indexer", indexer(top_k=0), "top_k must be a positive int; got 0"),
+    ("lightning_indexer", indexer(top_k=-3), "top_k must be a positive int"),
+    ("lightning_indexer", indexer(q_positions=QPOS[:, :8]),
+     r"q_positions must be \(2, 16\), got \(2, 8\)"),
+    ("lightning_indexer", indexer(k_positions=KPOS[None]), r"k_positions must be \[B,S\]"),
+    ("lightning_indexer", indexer(k_positions=KPOS.astype(jnp.float32)),
+     "k_positions must be integers"),
+    ("lightning_indexer", indexer(w=IW[..., :1]), r"w must be \(2, 16, 2\), got \(2, 16, 1\)"),
+    ("lightning_indexer", indexer(k=IK[..., :8]), r"k must be \(2, 32, 16\), got \(2, 32, 8\)"),
 ]
 
 
@@ -93,6 +127,9 @@ def test_well_formed_operands_pass(impl):
   assert weights.shape == experts.shape == (4, 3)
   assert module.gmm(LHS, RHS, SIZES).shape == (10, 8)
   assert module.tgmm(LHS, jnp.zeros((10, 8)), SIZES).shape == (3, 16, 8)
+  assert module.sparse_mqa_attention(**sparse(sink=jnp.zeros((H,)))).shape == (B, T, H, 32)
+  indices, scores = module.lightning_indexer(**indexer())
+  assert indices.shape == scores.shape == (B, T, 4) and indices.dtype == jnp.int32
   # Floating dtypes may mix; the output takes the first operand's.
   assert module.gmm(LHS.astype(jnp.bfloat16), RHS, SIZES).dtype == jnp.bfloat16
   assert module.mla_attention(**attention(q=Q.astype(jnp.bfloat16))).dtype == jnp.bfloat16

@@ -23,6 +23,7 @@ from pallas_kernels import reference
 from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
 from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
 from pallas_kernels.mla_decode import BlockSizes as DecodeBlockSizes
+from pallas_kernels.sparse_mqa_attention import BlockSizes as SparseBlockSizes
 import tpu_rules
 
 TPU = pltpu.InterpretParams()
@@ -53,6 +54,7 @@ def test_tpu_interpreter_picks_the_tpu_forms():
   assert AttentionBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
   assert GmmBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
   assert DecodeBlockSizes.get_default(pk.platform.target(TPU)).sequential_grid
+  assert SparseBlockSizes.get_default(pk.platform.target(TPU)).dma_gather
   assert pk.platform.target(True) == "interpret" and pk.platform.resolve_interpret(TPU) is TPU
 
 
@@ -149,6 +151,47 @@ def test_moe_route(kw):
 TWO_CORES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 
 
+
+def _sparse_operands(seed, b, t, h, s, d, k):
+  q, kv, sink = _random(seed, (b, t, h, d), (b, s, d), (h,))
+  rng = np.random.default_rng(seed)
+  indices = np.stack([np.where(np.arange(k) < rng.integers(0, k + 1), rng.permutation(s)[:k], -1)
+                      for _ in range(b * t)]).reshape(b, t, k)
+  indices[0, 0] = -1                                     # a row with no slot at all
+  return q, kv, jnp.asarray(indices, jnp.int32), sink
+
+
+@pytest.mark.parametrize("d, k, with_sink", [(576, 136, False), (512, 40, True)],
+                         ids=["v3.2", "v4_sink"])
+def test_sparse_mqa_attention(d, k, with_sink):
+  """The DMA form: slots copied into SMEM, one DMA per gathered row. V3.2's 512 | 64 split
+  with 136 slots (a tail in the second 128-slot block); V4's 512 = d_v with a sink. 3 heads
+  padded to 8; one of the two rows has no slot."""
+  q, kv, indices, sink = _sparse_operands(9, 1, 2, 3, 300, d, k)
+  sink = sink if with_sink else None
+  kw = dict(d_v=512, sm_scale=0.05, sink=sink)
+  (cot,) = _random(10, (1, 2, 3, 512))
+  with jax.default_matmul_precision("highest"):
+    got, want = _vjp_both(lambda q, kv: pk.sparse_mqa_attention(q, kv, indices, interpret=TPU,
+                                                                **kw),
+                          lambda q, kv: reference.sparse_mqa_attention(q, kv, indices, **kw),
+                          (q, kv), cot)
+  for name, x, y in zip(("out", "dq", "dkv"), got, want):
+    _close(x, y, 1e-5, name)
+
+
+def test_lightning_indexer():
+  """The score tiles in the TPU form (128 x 128 tiles, heads looped) and the running top-k."""
+  q, k, w = _random(11, (1, 200, 4, 128), (1, 300, 128), (1, 200, 4))
+  q_pos = jnp.arange(100, 300, dtype=jnp.int32)[None]
+  k_pos = jnp.arange(300, dtype=jnp.int32)[None]
+  kw = dict(top_k=64, q_positions=q_pos, k_positions=k_pos)
+  with jax.default_matmul_precision("highest"):
+    got = pk.lightning_indexer(q, k, w, interpret=TPU, **kw)
+    want = reference.lightning_indexer(q, k, w, **kw)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  _close(got[1], want[1], 1e-5)
+
 @pytest.fixture
 def race_checks(monkeypatch):
   """The race-detection state of every kernel the TPU interpreter runs (it makes one per
@@ -205,9 +248,27 @@ def _route():
   return pk.moe_route(logits, None, top_k=4, n_group=4, topk_group=2, interpret=TWO_CORES)
 
 
+def _sparse_fwd_bwd():
+  q, kv, indices, sink = _sparse_operands(12, 2, 2, 8, 100, 64, 24)
+  blocks = SparseBlockSizes(block_k=8, min_heads=8, dma_gather=True)
+  out, vjp = jax.vjp(lambda q, kv, sink: pk.sparse_mqa_attention(
+      q, kv, indices, d_v=32, sm_scale=0.1, sink=sink, interpret=TWO_CORES,
+      block_sizes=blocks), q, kv, sink)
+  return vjp(out)
+
+
+def _indexer():
+  q, k, w = _random(13, (2, 256, 4, 128), (2, 256, 128), (2, 256, 4))
+  positions = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), (2, 256))
+  return pk.lightning_indexer(q, k, w, top_k=16, q_positions=positions, k_positions=positions,
+                              interpret=TWO_CORES)
+
+
 @pytest.mark.parametrize("run, kernels", [
-    (_attention_fwd_bwd, 3), (_decode, 1), (_gmm_fwd_bwd, 3), (_route, 1)],
-    ids=["attention", "decode", "gmm", "moe_route"])
+    (_attention_fwd_bwd, 3), (_decode, 1), (_gmm_fwd_bwd, 3), (_route, 1),
+    (_sparse_fwd_bwd, 2), (_indexer, 1)],
+    ids=["attention", "decode", "gmm", "moe_route", "sparse_mqa_attention",
+         "lightning_indexer"])
 def test_parallel_axes_are_race_free_on_two_cores(race_checks, run, kernels):
   jax.block_until_ready(run())
   assert len(race_checks) == kernels
@@ -270,6 +331,35 @@ def test_moe_route_blocks_fit():
   tpu_rules.assert_mosaic_blocks(
       functools.partial(pk.moe_route, top_k=8, n_group=8, topk_group=4, interpret=TPU),
       *_abstract((16384, 256), (256,), dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("h, d, d_v, k, sink", [(128, 576, 512, 2048, False),   # V3.2 DSA
+                                                (64, 512, 512, 640, True)],       # V4-Flash CSA
+                         ids=["v3.2", "v4-flash"])
+def test_sparse_mqa_attention_blocks_fit(h, d, d_v, k, sink):
+  """Forward and backward at production shapes: VMEM holds a row's q, its slots and one block
+  of gathered rows (plus the backward's per-slot dkv rows), whatever the sequence length."""
+  def step(q, kv, indices, sink):
+    def loss(q, kv, sink):
+      out = pk.sparse_mqa_attention(q, kv, indices, d_v=d_v, sm_scale=0.04, sink=sink,
+                                    interpret=TPU)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2) if sink is not None else (0, 1))(q, kv, sink)
+  t = 8192
+  used = tpu_rules.assert_mosaic_blocks(
+      step, *_abstract((1, t, h, d), (1, t, d)), jax.ShapeDtypeStruct((1, t, k), jnp.int32),
+      jax.ShapeDtypeStruct((h,), jnp.float32) if sink else None)
+  assert used < 12 * 2**20, used
+
+
+@pytest.mark.parametrize("t, s", [(8192, 8192), (32768, 8192)])
+def test_lightning_indexer_blocks_fit(t, s):
+  positions = [jax.ShapeDtypeStruct((1, n), jnp.int32) for n in (t, s)]
+  used = tpu_rules.assert_mosaic_blocks(
+      lambda q, k, w, qp, kp: pk.lightning_indexer(q, k, w, top_k=2048, q_positions=qp,
+                                                   k_positions=kp, interpret=TPU),
+      *_abstract((1, t, 64, 128), (1, s, 128), (1, t, 64)), *positions)
+  assert used < 8 * 2**20, used
 
 
 def _copy(shape, block, semantics=None, dtype=jnp.float32):
