@@ -143,9 +143,10 @@ def sparse_attention(q, kv, indices, *, d_v: int, sink) -> None:
     _fail(kernel, f"sink must be [H] = ({h},) for q {q.shape}; got {sink.shape}")
 
 
-def indexer(q, k, w, *, top_k: int, q_positions, k_positions) -> None:
+def indexer(q, k, w, *, top_k: int, q_positions, k_positions, q_segment_ids=None,
+            k_segment_ids=None) -> None:
   """q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi], q_positions [B,T] and k_positions [B,S] integers,
-  top_k >= 1."""
+  segment ids like the positions (both or neither), top_k >= 1."""
   kernel = "lightning_indexer"
   _ranks(kernel, q=(q, "[B,T,Hi,Di]"), k=(k, "[B,S,Di]"), w=(w, "[B,T,Hi]"),
          q_positions=(q_positions, "[B,T]"), k_positions=(k_positions, "[B,S]"))
@@ -154,6 +155,10 @@ def indexer(q, k, w, *, top_k: int, q_positions, k_positions) -> None:
   s = k.shape[1]
   want = {"k": (k, (b, s, di)), "w": (w, (b, t, hi)), "q_positions": (q_positions, (b, t)),
           "k_positions": (k_positions, (b, s))}
+  if (q_segment_ids is None) != (k_segment_ids is None):
+    _fail(kernel, "q_segment_ids and k_segment_ids come together (both or neither)")
+  if q_segment_ids is not None:
+    want.update(q_segment_ids=(q_segment_ids, (b, t)), k_segment_ids=(k_segment_ids, (b, s)))
   bad = [f"{name} must be {shape}, got {tuple(x.shape)}"
          for name, (x, shape) in want.items() if tuple(x.shape) != shape]
   if bad:
@@ -161,7 +166,9 @@ def indexer(q, k, w, *, top_k: int, q_positions, k_positions) -> None:
                   + "; ".join(bad))
   if s == 0:
     _fail(kernel, f"needs at least one key; k is {k.shape}")
-  _integer(kernel, "q_positions", q_positions)
-  _integer(kernel, "k_positions", k_positions)
+  for name, x in (("q_positions", q_positions), ("k_positions", k_positions),
+                  ("q_segment_ids", q_segment_ids), ("k_segment_ids", k_segment_ids)):
+    if x is not None:
+      _integer(kernel, name, x)
   if not isinstance(top_k, int) or top_k < 1:
     _fail(kernel, f"top_k must be a positive int; got {top_k!r}")

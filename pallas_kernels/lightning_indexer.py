@@ -3,6 +3,7 @@ Pallas score tiles and a running top-k, so that memory stays O(T (top_k + chunk)
 
   I[b,t,s] = sum_h w[b,t,h] relu(q[b,t,h] . k[b,s])     (scales folded into q and w by the caller)
   visible(t, s) = k_positions[b,s] <= q_positions[b,t]   (causal for V3.2; compressed units for V4)
+                  and, for packed sequences, q_segment_ids[b,t] == k_segment_ids[b,s]
   -> the top_k visible s per query, highest score first, ties to the lower s, -1 / -inf past the
      visible keys.
 
@@ -75,25 +76,31 @@ class _Config:
   interpret: platform.Interpret
 
 
-def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, interpret=None,
-                      block_sizes: BlockSizes | None = None):
+def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids=None,
+                      k_segment_ids=None, interpret=None, block_sizes: BlockSizes | None = None):
   """The top_k visible keys of each query by indexer score; the semantics of
   `pallas_kernels.reference.lightning_indexer`.
 
-  q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi], q_positions [B,T], k_positions [B,S] integers ->
+  q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi], q_positions [B,T], k_positions [B,S] integers,
+  optional q_segment_ids [B,T] and k_segment_ids [B,S] (both or neither) ->
   (indices [B,T,top_k] int32, scores [B,T,top_k] float32); scores differentiable in q, k, w.
   """
-  checks.indexer(q, k, w, top_k=top_k, q_positions=q_positions, k_positions=k_positions)
+  checks.indexer(q, k, w, top_k=top_k, q_positions=q_positions, k_positions=k_positions,
+                 q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
   blocks = block_sizes or BlockSizes.get_default(platform.target(interpret), q.dtype)
   c = _Config(top_k=top_k, blocks=blocks, interpret=platform.resolve_interpret(interpret))
-  return _indexer(c, q, k, w, q_positions.astype(jnp.int32), k_positions.astype(jnp.int32))
+  if q_segment_ids is None:   # one segment
+    q_segment_ids, k_segment_ids = jnp.zeros_like(q_positions), jnp.zeros_like(k_positions)
+  as_int = lambda x: x.astype(jnp.int32)
+  return _indexer(c, q, k, w, *map(as_int, (q_positions, k_positions, q_segment_ids,
+                                            k_segment_ids)))
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _score_kernel(q_ref, k_ref, w_ref, q_pos_ref, k_pos_ref, out_ref):
+def _score_kernel(q_ref, k_ref, w_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, out_ref):
   """One [block_t, block_s] tile: sum over heads of w * relu(q k^T), -inf where not visible.
   Built transposed, keys x queries, so that a head's weights are a row [1, block_t] (a column
   would take a whole 128-lane tile per query in TPU VMEM)."""
@@ -105,13 +112,14 @@ def _score_kernel(q_ref, k_ref, w_ref, q_pos_ref, k_pos_ref, out_ref):
     return acc + jnp.maximum(dots, 0.0) * w_ref[h].astype(jnp.float32)  # w [1, bt]
 
   scores = lax.fori_loop(0, q_ref.shape[0], head, jnp.zeros(out_ref.shape[::-1], jnp.float32))
-  scores = jnp.where(k_pos_ref[...] <= q_pos_ref[...], scores, _NEG_INF)  # [bs,1] vs [1,bt]
+  visible = (k_pos_ref[...] <= q_pos_ref[...]) & (k_seg_ref[...] == q_seg_ref[...])  # [bs, bt]
+  scores = jnp.where(visible, scores, _NEG_INF)
   out_ref[...] = scores.T
 
 
-def _score_tiles(c: _Config, q, k, w, q_pos, k_pos):
+def _score_tiles(c: _Config, q, k, w, q_pos, k_pos, q_seg, k_seg):
   """Scores [B, T_pad, S_chunk] of one chunk of keys. q [B,Hi,T_pad,Di], w [B,Hi,1,T_pad],
-  q_pos [B,1,T_pad], k [B,S_chunk,Di], k_pos [B,S_chunk,1]."""
+  q_pos and q_seg [B,1,T_pad], k [B,S_chunk,Di], k_pos and k_seg [B,S_chunk,1]."""
   b, hi, t_pad, di = q.shape
   s = k.shape[1]
   bt, bs = c.blocks.block_t, c.blocks.block_s
@@ -124,6 +132,8 @@ def _score_tiles(c: _Config, q, k, w, q_pos, k_pos):
           pl.BlockSpec((None, hi, 1, bt), lambda i, j, l: (i, 0, 0, j)),
           pl.BlockSpec((None, 1, bt), lambda i, j, l: (i, 0, j)),
           pl.BlockSpec((None, bs, 1), lambda i, j, l: (i, l, 0)),
+          pl.BlockSpec((None, 1, bt), lambda i, j, l: (i, 0, j)),
+          pl.BlockSpec((None, bs, 1), lambda i, j, l: (i, l, 0)),
       ],
       out_specs=pl.BlockSpec((None, bt, bs), lambda i, j, l: (i, j, l)),
       out_shape=jax.ShapeDtypeStruct((b, t_pad, s), jnp.float32),
@@ -132,10 +142,10 @@ def _score_tiles(c: _Config, q, k, w, q_pos, k_pos):
                                                num_stages=c.blocks.num_stages),
       interpret=c.interpret,
       name="lightning_indexer_scores",
-  )(q, k, w, q_pos, k_pos)
+  )(q, k, w, q_pos, k_pos, q_seg, k_seg)
 
 
-def _select(c: _Config, q, k, w, q_positions, k_positions):
+def _select(c: _Config, q, k, w, q_positions, k_positions, q_segments, k_segments):
   """(indices, scores) of the top_k visible keys: score tiles chunk by chunk, merged into a
   running top_k."""
   b, t, _, _ = q.shape
@@ -145,14 +155,16 @@ def _select(c: _Config, q, k, w, q_positions, k_positions):
   t_pad, s_pad = _round_up(t, bt), _round_up(s, chunk)
   q_t = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   w_t = jnp.pad(w, ((0, 0), (0, t_pad - t), (0, 0))).transpose(0, 2, 1)[:, :, None]
-  q_pos = jnp.pad(q_positions, ((0, 0), (0, t_pad - t)))[:, None]
+  q_pos, q_seg = (jnp.pad(x, ((0, 0), (0, t_pad - t)))[:, None]
+                  for x in (q_positions, q_segments))
   k_p = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0)))
   k_pos = jnp.pad(k_positions, ((0, 0), (0, s_pad - s)), constant_values=_INVISIBLE)[..., None]
+  k_seg = jnp.pad(k_segments, ((0, 0), (0, s_pad - s)))[..., None]
   kk = min(c.top_k, chunk)
 
   def chunk_top(start):
-    tile = _score_tiles(c, q_t, lax.dynamic_slice_in_dim(k_p, start, chunk, 1), w_t, q_pos,
-                        lax.dynamic_slice_in_dim(k_pos, start, chunk, 1))
+    keys = lambda x: lax.dynamic_slice_in_dim(x, start, chunk, 1)
+    tile = _score_tiles(c, q_t, keys(k_p), w_t, q_pos, keys(k_pos), q_seg, keys(k_seg))
     values, ids = lax.top_k(tile, kk)
     return values, ids + start
 
@@ -176,12 +188,12 @@ def _select(c: _Config, q, k, w, q_positions, k_positions):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _indexer(c: _Config, q, k, w, q_positions, k_positions):
-  return _select(c, q, k, w, q_positions, k_positions)
+def _indexer(c: _Config, q, k, w, *visibility):
+  return _select(c, q, k, w, *visibility)
 
 
-def _indexer_fwd(c: _Config, q, k, w, q_positions, k_positions):
-  indices, scores = _select(c, q, k, w, q_positions, k_positions)
+def _indexer_fwd(c: _Config, q, k, w, *visibility):
+  indices, scores = _select(c, q, k, w, *visibility)
   return (indices, scores), (q, k, w, indices)
 
 
@@ -218,7 +230,7 @@ def _indexer_bwd(c: _Config, res, cotangents):
   dk, (dq, dw) = lax.scan(step, jnp.zeros((b, s, di), f32), xs)
   unchunk = lambda x: x.swapaxes(0, 1).reshape((b, t_pad) + x.shape[3:])[:, :t]
   return (unchunk(dq).astype(q.dtype), dk.astype(k.dtype), unchunk(dw).astype(w.dtype),
-          None, None)
+          None, None, None, None)
 
 
 _indexer.defvjp(_indexer_fwd, _indexer_bwd)

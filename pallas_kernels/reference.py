@@ -183,19 +183,24 @@ def indexer_scores(q, k, w):
   return jnp.einsum("btsh,bth->bts", jax.nn.relu(dots), w.astype(jnp.float32))
 
 
-def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, interpret=None):
+def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids=None,
+                      k_segment_ids=None, interpret=None):
   """The top_k keys of each query by indexer score, among the keys it can see.
 
   q [B,T,Hi,Di], k [B,S,Di], w [B,T,Hi] (scales folded in by the caller); key s is visible from
-  query t iff k_positions[b,s] <= q_positions[b,t]. -> (indices [B,T,top_k] int32, scores
+  query t iff k_positions[b,s] <= q_positions[b,t] (and, when given, q_segment_ids[b,t] ==
+  k_segment_ids[b,s]: packed sequences). -> (indices [B,T,top_k] int32, scores
   [B,T,top_k] float32), highest score first, ties to the lower s, -1 and -inf past the visible
   keys. Differentiable in q, k and w through the selected scores (the indexer's KL loss).
   Materialises [B,T,S]: the dense stage's form, and the oracle of the kernel.
   """
   del interpret
-  checks.indexer(q, k, w, top_k=top_k, q_positions=q_positions, k_positions=k_positions)
+  checks.indexer(q, k, w, top_k=top_k, q_positions=q_positions, k_positions=k_positions,
+                 q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids)
   s = k.shape[1]
   visible = k_positions[:, None, :] <= q_positions[:, :, None]
+  if q_segment_ids is not None:
+    visible &= k_segment_ids[:, None, :] == q_segment_ids[:, :, None]
   scores = jnp.where(visible, indexer_scores(q, k, w), _NEG_INF)
   if top_k > s:
     scores = jnp.pad(scores, ((0, 0), (0, 0), (0, top_k - s)), constant_values=_NEG_INF)

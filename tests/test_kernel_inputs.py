@@ -104,6 +104,10 @@ CASES = [
     ("lightning_indexer", indexer(k_positions=KPOS[None]), r"k_positions must be \[B,S\]"),
     ("lightning_indexer", indexer(k_positions=KPOS.astype(jnp.float32)),
      "k_positions must be integers"),
+    ("lightning_indexer", indexer() | dict(q_segment_ids=QPOS),
+     "q_segment_ids and k_segment_ids come together"),
+    ("lightning_indexer", indexer() | dict(q_segment_ids=QPOS, k_segment_ids=KPOS[:, :4]),
+     r"k_segment_ids must be \(2, 32\), got \(2, 4\)"),
     ("lightning_indexer", indexer(w=IW[..., :1]), r"w must be \(2, 16, 2\), got \(2, 16, 1\)"),
     ("lightning_indexer", indexer(k=IK[..., :8]), r"k must be \(2, 32, 16\), got \(2, 32, 8\)"),
 ]

@@ -117,3 +117,24 @@ def test_bfloat16_inputs_select_like_float32_scores_of_the_same_values():
   agree = np.mean(np.asarray(got[0]) == np.asarray(want[0]))
   assert agree > 0.98, agree
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=2e-2, atol=2e-2)
+
+
+def test_packed_segments_see_only_their_own_keys():
+  """Packed sequences: positions restart per segment and a key is visible only within its
+  query's segment (padding, segment 0, is a segment of its own here)."""
+  q, k, w = _problem(17, s=T)
+  segments = jnp.asarray(np.repeat([[1, 2, 3, 0]], [12, 15, 6, 4], axis=1).repeat(B, 0),
+                         jnp.int32)
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(np.asarray(segments[0]))) + 1])
+  positions = np.arange(T) - starts[np.searchsorted(starts, np.arange(T), side="right") - 1]
+  positions = jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (B, T))
+  kw = dict(top_k=8, q_positions=positions, k_positions=positions, q_segment_ids=segments,
+            k_segment_ids=segments)
+  with jax.default_matmul_precision("highest"):
+    got = lightning_indexer(q, k, w, block_sizes=CHUNKED, **kw)
+    want = reference.lightning_indexer(q, k, w, **kw)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  picked = np.asarray(got[0])
+  seg = np.asarray(segments)
+  for b, t, j in zip(*np.nonzero(picked >= 0)):
+    assert seg[b, picked[b, t, j]] == seg[b, t] and picked[b, t, j] <= t
