@@ -1,9 +1,10 @@
-"""ModelConfig: every DeepseekV2 / DeepseekV3 field under its transformers name, plus deepjax's own.
+"""ModelConfig: every DeepseekV2 / V3 / V3.2 field under its transformers name, plus deepjax's own.
 
 `ModelConfig.from_hf(config_json)` reads a hub or transformers `config.json` (legacy
 `rope_theta` + `rope_scaling`, or transformers 5.x `rope_parameters`); `to_hf()` writes one that
-transformers' DeepseekV2/V3 classes load. `ModelConfig.preset(name)` gives tiny / small /
-v2-lite / v3. Construction validates: an inconsistent config raises ValueError naming the field.
+transformers' DeepseekV2/V3/V32 classes load. `ModelConfig.preset(name)` gives tiny / small /
+v2-lite / v3 / tiny-v3.2 / v3.2. Construction validates: an inconsistent config raises ValueError
+naming the field.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import json
 import math
 from typing import Any
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 # Per-layer kinds the model is built from (deepjax.model.block); V2 and V3 are configurations of
-# one model: every layer `mla`, its MLP `dense` or `moe`, a `plain` residual. The sequels add
-# kinds here: `dsa` attention (V3.2), `sliding` / `csa` / `hca` attention, `hash_moe` and the
-# `mhc` residual (V4).
-ATTENTION_KINDS = ("mla",)
+# one model: every layer `mla`, its MLP `dense` or `moe`, a `plain` residual. V3.2 is V3 with
+# `dsa` attention (MLA plus the lightning indexer) in every layer. V4 will add `sliding` / `csa` /
+# `hca` attention, `hash_moe` and the `mhc` residual.
+ATTENTION_KINDS = ("mla", "dsa")
+# V3.2's DeepSeek Sparse Attention: "sparse" attends only to the indexer's top-k keys (the
+# sparse stage, post-training, inference); "dense" attends to every key (the indexer warm-up).
+DSA_ATTENTION = ("sparse", "dense")
 MLP_KINDS = ("dense", "moe")
 RESIDUAL_KINDS = ("plain",)
 ATTENTION_IMPLS = ("xla", "pallas")
@@ -77,6 +81,10 @@ class ModelConfig:
   bos_token_id: int | None = 0
   eos_token_id: int | None = 1
   pad_token_id: int | None = None
+  # DeepSeek-V3.2's lightning indexer (deepseek_v32 only)
+  index_topk: int = 2048
+  index_head_dim: int = 128
+  index_n_heads: int = 64
   # deepjax
   dtype: str = deepjax_field("float32")        # compute; norms, softmax, router stay float32
   param_dtype: str = deepjax_field("float32")
@@ -87,6 +95,7 @@ class ModelConfig:
   # c * (its fair share) slots per step and drops the copies beyond
   # (deepjax.parallel.expert_parallel).
   moe_capacity_factor: float | None = deepjax_field(None)
+  dsa_attention: str = deepjax_field("sparse")                 # V3.2: sparse or dense (warm-up)
 
   def __hash__(self):
     return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -95,7 +104,7 @@ class ModelConfig:
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.scoring_func is None:
-      default = "sigmoid" if self.model_type == "deepseek_v3" else "softmax"
+      default = "sigmoid" if self.is_v3 else "softmax"
       object.__setattr__(self, "scoring_func", default)
     if self.rope_scaling is not None:
       object.__setattr__(self, "rope_scaling", dict(self.rope_scaling))
@@ -109,7 +118,12 @@ class ModelConfig:
 
   @property
   def is_v3(self) -> bool:
-    return self.model_type == "deepseek_v3"
+    """V3 and its sequel V3.2 (V3 with the indexer): V3's router, MTP and checkpoint layout."""
+    return self.model_type in ("deepseek_v3", "deepseek_v32")
+
+  @property
+  def is_v32(self) -> bool:
+    return self.model_type == "deepseek_v32"
 
   def is_moe_layer(self, layer: int) -> bool:
     """MoE from `first_k_dense_replace` on, every `moe_layer_freq`-th layer (MTP blocks too)."""
@@ -120,7 +134,7 @@ class ModelConfig:
 
   def attention_kind(self, layer: int) -> str:
     del layer
-    return "mla"
+    return "dsa" if self.is_v32 else "mla"
 
   def mlp_kind(self, layer: int) -> str:
     return "moe" if self.is_moe_layer(layer) else "dense"
@@ -188,6 +202,7 @@ class ModelConfig:
     choice("attention_impl", ATTENTION_IMPLS)
     choice("moe_impl", MOE_IMPLS)
     choice("router_impl", ROUTER_IMPLS)
+    choice("dsa_attention", DSA_ATTENTION)
     for field, kinds, known in (("layer_types", self.layer_types, ATTENTION_KINDS),
                                 ("mlp_layer_types", self.mlp_layer_types, MLP_KINDS),
                                 ("residual_kind", (self.residual_kind,), RESIDUAL_KINDS)):
@@ -230,6 +245,20 @@ class ModelConfig:
            "layers like DeepSeek-V3's")
     if self.rope_scaling is not None:
       self._validate_rope_scaling(fail)
+    if self.is_v32:
+      self._validate_indexer(fail)
+
+  def _validate_indexer(self, fail) -> None:
+    if self.q_lora_rank is None:
+      fail("q_lora_rank", "deepseek_v32's indexer reads the query latent: q_lora_rank is needed")
+    for field in ("index_topk", "index_n_heads"):
+      if getattr(self, field) <= 0:
+        fail(field, f"must be positive, got {getattr(self, field)}")
+    if not self.qk_rope_head_dim <= self.index_head_dim:
+      fail("index_head_dim", f"must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): the "
+           f"indexer ropes its first qk_rope_head_dim dims; got {self.index_head_dim}")
+    if not self.rope_interleave:
+      fail("rope_interleave", "deepseek_v32's MLA always rotates interleaved pairs")
 
   def _validate_routing(self, fail) -> None:
     e, k = self.n_routed_experts, self.num_experts_per_tok
@@ -302,8 +331,8 @@ class ModelConfig:
       c["rope_scaling"] = scaling if rope_type(scaling) != "default" else None
     elif c.get("rope_scaling") is not None and rope_type(c["rope_scaling"]) == "default":
       c["rope_scaling"] = None
-    if model_type == "deepseek_v2":
-      c["rope_interleave"] = True                # V2 rotates complex (interleaved) pairs
+    if model_type in ("deepseek_v2", "deepseek_v32"):
+      c["rope_interleave"] = True                # V2 and V3.2's MLA rotate interleaved pairs
       c.setdefault("topk_method", "greedy")
       c.setdefault("norm_topk_prob", False)
       c.setdefault("routed_scaling_factor", 1.0)
@@ -320,13 +349,16 @@ class ModelConfig:
     return cls(**known)
 
   def to_hf(self) -> dict[str, Any]:
-    """A config.json dict for transformers' DeepseekV2/V3 (hub field names)."""
+    """A config.json dict for transformers' DeepseekV2/V3/V32 (hub field names)."""
     out = {f: getattr(self, f) for f in self.fields() if f not in self.deepjax_fields()}
-    out["architectures"] = ["DeepseekV3ForCausalLM" if self.is_v3 else "DeepseekV2ForCausalLM"]
+    out["architectures"] = [HF_ARCHITECTURES[self.model_type]]
     out["torch_dtype"] = self.param_dtype
     out["num_experts_per_tok"] = self.num_experts_per_tok
     if not self.is_v3:
       del out["rope_interleave"], out["num_nextn_predict_layers"]
+    if not self.is_v32:
+      for field in ("index_topk", "index_head_dim", "index_n_heads"):
+        del out[field]
     return out
 
   @classmethod
@@ -334,6 +366,10 @@ class ModelConfig:
     if name not in PRESETS:
       raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return cls(**{**PRESETS[name], **overrides})
+
+
+HF_ARCHITECTURES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                    "deepseek_v32": "DeepseekV32ForCausalLM"}
 
 
 def rope_type(rope_scaling: dict) -> str:
@@ -348,16 +384,32 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 _V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
             "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 
+_TINY = dict(
+    model_type="deepseek_v3", vocab_size=272, hidden_size=128, intermediate_size=384,
+    moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
+    kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+    topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,
+    first_k_dense_replace=1, max_position_embeddings=1024, num_nextn_predict_layers=1,
+    bos_token_id=256, eos_token_id=257, pad_token_id=258, moe_impl="blocked")
+
+_V3 = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8,
+    n_group=8, topk_group=4, topk_method="noaux_tc", norm_topk_prob=True,
+    routed_scaling_factor=2.5, first_k_dense_replace=3, max_position_embeddings=163840,
+    rope_scaling=_V3_YARN, num_nextn_predict_layers=1, param_dtype="bfloat16",
+    dtype="bfloat16")
+
 PRESETS: dict[str, dict[str, Any]] = {
     # A V3-shaped MoE that trains on a laptop CPU in minutes (byte-level vocabulary).
-    "tiny": dict(
-        model_type="deepseek_v3", vocab_size=272, hidden_size=128, intermediate_size=384,
-        moe_intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
-        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
-        topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,
-        first_k_dense_replace=1, max_position_embeddings=1024, num_nextn_predict_layers=1,
-        bos_token_id=256, eos_token_id=257, pad_token_id=258, moe_impl="blocked"),
+    "tiny": _TINY,
+    # tiny with DeepSeek Sparse Attention: each token attends to the indexer's top 64 keys, so
+    # the selection bites from the 65th token of the default 256-token sequences.
+    "tiny-v3.2": dict(_TINY, model_type="deepseek_v32", index_topk=64, index_head_dim=32,
+                      index_n_heads=16),
     # ~100M total parameters: a research-scale V3 shape for single-host GPU/TPU runs.
     "small": dict(
         model_type="deepseek_v3", vocab_size=32768, hidden_size=512, intermediate_size=1536,
@@ -379,13 +431,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
         bos_token_id=100000, eos_token_id=100001, param_dtype="bfloat16", dtype="bfloat16"),
     # deepseek-ai/DeepSeek-V3 config.json (671B total, 37B activated, plus one MTP module).
-    "v3": dict(
-        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
-        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, n_shared_experts=1, n_routed_experts=256, num_experts_per_tok=8,
-        n_group=8, topk_group=4, topk_method="noaux_tc", norm_topk_prob=True,
-        routed_scaling_factor=2.5, first_k_dense_replace=3, max_position_embeddings=163840,
-        rope_scaling=_V3_YARN, num_nextn_predict_layers=1, param_dtype="bfloat16",
-        dtype="bfloat16"),
+    "v3": _V3,
+    # deepseek-ai/DeepSeek-V3.2(-Exp) config.json: V3 plus the lightning indexer (V3.2 §1).
+    "v3.2": dict(_V3, model_type="deepseek_v32", index_topk=2048, index_head_dim=128,
+                 index_n_heads=64),
 }

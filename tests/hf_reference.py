@@ -1,4 +1,4 @@
-"""transformers' DeepseekV2/V3 (torch CPU, eager) as the reference for deepjax's logits."""
+"""transformers' DeepseekV2/V3/V32 (torch CPU, eager) as the reference for deepjax's logits."""
 
 import numpy as np
 import torch
@@ -17,12 +17,20 @@ SMALL_V3 = dict(
 SMALL_V2 = dict(SMALL_V3, model_type="deepseek_v2", topk_method="greedy", norm_topk_prob=False,
                 routed_scaling_factor=1.0, n_group=1, topk_group=1)
 
+# index_topk 6 < T so that the selection bites; 16 indexer heads keep exact score ties (all
+# heads ReLU-clipped to 0) rare: torch's topk orders ties differently (DEEPSEEK-V32-V4.md §1.6).
+SMALL_V32 = dict(SMALL_V3, model_type="deepseek_v32", index_topk=6, index_head_dim=16,
+                 index_n_heads=16)
+
+HF_CLASSES = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+              "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM")}
+
 
 def hf_model(cfg: dj.ModelConfig, seed: int = 0):
   """A transformers model of `cfg` with random weights, non-unit norms and non-zero biases."""
   hf_cfg = cfg.to_hf()
-  cls = transformers.DeepseekV3ForCausalLM if cfg.is_v3 else transformers.DeepseekV2ForCausalLM
-  config_cls = transformers.DeepseekV3Config if cfg.is_v3 else transformers.DeepseekV2Config
+  config_cls, cls = (getattr(transformers, name) for name in HF_CLASSES[cfg.model_type])
   config = config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("architectures",)},
                       attn_implementation="eager", experts_implementation="eager")
   torch.manual_seed(seed)

@@ -65,6 +65,13 @@ def _block_entries(cfg: ModelConfig, hf: str, path: tuple, layer_idx: int) -> li
   norm("self_attn.kv_a_layernorm", attn + ("kv_a_layernorm",))
   dense("self_attn.kv_b_proj", attn + ("kv_b_proj",))
   dense("self_attn.o_proj", attn + ("o_proj",), cfg.attention_bias)
+  if cfg.attention_kind(layer_idx) == "dsa":              # V3.2's lightning indexer
+    index = attn + ("indexer",)
+    dense("self_attn.indexer.wq_b", index + ("wq_b",))
+    dense("self_attn.indexer.wk", index + ("wk",))
+    dense("self_attn.indexer.weights_proj", index + ("weights_proj",))
+    norm("self_attn.indexer.k_norm", index + ("k_norm",))
+    add("self_attn.indexer.k_norm.bias", index + ("k_norm", "bias"), "copy")
   norm("input_layernorm", ("input_layernorm",))
   norm("post_attention_layernorm", ("post_attention_layernorm",))
   if cfg.is_moe_layer(layer_idx):

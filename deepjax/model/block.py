@@ -2,7 +2,8 @@
 `mlp_kind`, `residual_kind`): with the `plain` residual, h += Attn(norm(h)); h += FFN(norm(h)).
 
 V2 and V3 are configurations of this one layer: attention `mla`, MLP `dense` (the first
-`first_k_dense_replace` layers) or `moe`. The sequels add kinds to these tables.
+`first_k_dense_replace` layers) or `moe`. V3.2 swaps in attention `dsa` (MLA with the lightning
+indexer). V4 will add its kinds to these tables.
 """
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepjax.config import ModelConfig
+from deepjax.model.dsa import DeepSeekSparseAttention
 from deepjax.model.mla import MultiHeadLatentAttention
 from deepjax.model.mlp import MLP
 from deepjax.model.moe import MoE, RouterStats
@@ -17,7 +19,7 @@ from deepjax.model.norm import RMSNorm
 
 # attention kind -> module; each takes (x, positions, segment_ids, cache, prefill=) and returns
 # (output, updated cache), and names its per-layer cache as `cache_type`.
-ATTENTION_MODULES = {"mla": MultiHeadLatentAttention}
+ATTENTION_MODULES = {"mla": MultiHeadLatentAttention, "dsa": DeepSeekSparseAttention}
 MLP_MODULES = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
         "moe": lambda cfg, rngs: MoE(cfg, rngs=rngs)}
 

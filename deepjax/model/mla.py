@@ -123,12 +123,19 @@ class MultiHeadLatentAttention(nnx.Module):
 
   def query(self, x, positions):
     """Per-head query parts (q_nope [B,T,H,nope], q_rope [B,T,H,rope]), rope applied."""
+    return self.query_heads(self.query_latent(x), positions)
+
+  def query_latent(self, x):
+    """The query latent c^Q = norm(W^DQ x) (V2 eq. 12), or x itself without q_lora_rank."""
+    if self.cfg.q_lora_rank is None:
+      return x
+    return self.q_a_layernorm(self.q_a_proj(x))
+
+  def query_heads(self, c_q, positions):
+    """(q_nope, q_rope) from the query latent (V2 eq. 13), rope applied."""
     cfg = self.cfg
-    if cfg.q_lora_rank is None:
-      q = self.q_proj(x)
-    else:
-      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-    q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+    q = self.q_proj(c_q) if cfg.q_lora_rank is None else self.q_b_proj(c_q)
+    q = q.reshape(*c_q.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
     q_nope, q_rope = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
     return q_nope, apply_rope(q_rope, positions, cfg)
 

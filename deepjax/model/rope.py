@@ -50,19 +50,21 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
   return inv_freq.astype(np.float32), float(attention_factor)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+               interleave: bool | None = None) -> jax.Array:
   """Rotates x [B, T, ..., d] at positions [B, T].
 
   Interleaved (V2, V3 with rope_interleave): pairs (x[2j], x[2j+1]) rotate by angle j and the
   result is written de-interleaved, as transformers' V3 does; q and k get the same permutation,
   so q.k equals the complex-pair form. Otherwise pairs are (x[j], x[j + d/2]) (rotate_half).
+  `interleave` overrides cfg.rope_interleave (V3.2's indexer: always rotate_half).
   """
   inv_freq, attention_factor = rope_frequencies(cfg)
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)    # [B, T, d/2]
   angles = angles.reshape(angles.shape[:2] + (1,) * (x.ndim - 3) + angles.shape[-1:])
   cos = (jnp.cos(angles) * attention_factor).astype(x.dtype)
   sin = (jnp.sin(angles) * attention_factor).astype(x.dtype)
-  if cfg.rope_interleave:
+  if cfg.rope_interleave if interleave is None else interleave:
     x1, x2 = x[..., 0::2], x[..., 1::2]
   else:
     x1, x2 = jnp.split(x, 2, axis=-1)

@@ -1,0 +1,95 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2 report §2): MLA whose queries attend only to the
+keys their lightning indexer selects.
+
+Every layer's indexer picks the top index_topk visible keys per query (`indexer.py`); MLA then
+runs in its absorbed, MQA form (V2 §2.1.2; `mla.py`) over the selected latent entries only:
+
+  score_{t,i,s} = (q^L_{t,i} . c^KV_s + q^R_{t,i} . k^R_s) * softmax_scale,   s in S_t
+  o_{t,i} = W^UV_i sum_{s in S_t} softmax(score_{t,i,s}) c^KV_s
+
+through `pk.sparse_mqa_attention` (one shared KV head of width d_c + d_R, values the d_c latent),
+so work and memory follow index_topk, not T. Training, prefill and decoding run this same code;
+only where the keys come from differs (this call's tokens, or the cache).
+`dsa_attention="dense"` ignores the selection and runs MLA as V3 does: the indexer warm-up
+stage (V3.2 §2.1), where only the indexer trains.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from deepjax.config import ModelConfig
+from deepjax.model.indexer import LightningIndexer
+from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
+
+
+def sparse_attention_fn(impl: str):
+  """Sparse MQA attention behind `attention_impl`: the Pallas kernel or the XLA gather form."""
+  return pk.sparse_mqa_attention if impl == "pallas" else pk.reference.sparse_mqa_attention
+
+
+@flax.struct.dataclass
+class DSACache:
+  """One DSA layer's cache: MLA's latent and rope key plus the indexer key [B, S, D_I]
+  (LayerNorm'd, RoPE'd), transformers' DynamicIndexedLayer."""
+  latent: jax.Array
+  rope: jax.Array
+  index_keys: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> DSACache:
+    mla = MLACache.zeros(cfg, batch, max_len, dtype)
+    return cls(latent=mla.latent, rope=mla.rope,
+               index_keys=jnp.zeros((batch, max_len, cfg.index_head_dim), dtype))
+
+  def write(self, c_kv, k_rope, index_keys, positions) -> DSACache:
+    return DSACache(latent=write_rows(self.latent, c_kv, positions),
+                    rope=write_rows(self.rope, k_rope, positions),
+                    index_keys=write_rows(self.index_keys, index_keys, positions))
+
+
+class DeepSeekSparseAttention(MultiHeadLatentAttention):
+  cache_type = DSACache
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.indexer = LightningIndexer(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, segment_ids=None, cache: DSACache | None = None, *,
+               prefill: bool = False) -> tuple[jax.Array, DSACache | None]:
+    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache); the
+    arguments mean what they mean for `MultiHeadLatentAttention`."""
+    b, t, _ = x.shape
+    c_q = self.query_latent(x)
+    q_nope, q_rope = self.query_heads(c_q, positions)
+    c_kv, k_rope = self.latent(x, positions)
+    index_keys = self.indexer.keys(x, positions)
+    if cache is not None:
+      cache = cache.write(c_kv, k_rope, index_keys, positions)
+    from_cache = cache is not None and not prefill
+    if self.cfg.dsa_attention == "dense":
+      o = (self.absorbed(q_nope, q_rope, cache, positions) if from_cache
+           else self.expanded(q_nope, q_rope, c_kv, k_rope, segment_ids))
+    elif from_cache:   # decoding: the keys are the cache's entries 0..S-1
+      key_positions = jnp.broadcast_to(jnp.arange(cache.latent.shape[1]), cache.latent.shape[:2])
+      indices, _ = self.indexer(x, c_q, positions, cache.index_keys, key_positions)
+      o = self.sparse(q_nope, q_rope, cache.latent, cache.rope, indices)
+    else:              # training and prefill: the keys are this call's tokens
+      indices, _ = self.indexer(x, c_q, positions, index_keys, positions, segment_ids)
+      o = self.sparse(q_nope, q_rope, c_kv, k_rope, indices)
+    return self.o_proj(o.reshape(b, t, -1)), cache
+
+  def sparse(self, q_nope, q_rope, latent, rope, indices):
+    """Absorbed MLA over each query's selected entries of latent [B,S,d_c] and rope [B,S,d_R]
+    -> [B, T, H, v_head_dim]."""
+    w_uk, w_uv = self.absorbed_weights()
+    q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)             # W^UK into the query
+    q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
+    kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
+    o_latent = sparse_attention_fn(self.cfg.attention_impl)(
+        q, kv, indices, d_v=self.cfg.kv_lora_rank, sm_scale=self.cfg.softmax_scale)
+    return jnp.einsum("bthc,chv->bthv", o_latent, w_uv)               # W^UV into the output

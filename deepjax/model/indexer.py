@@ -1,0 +1,82 @@
+"""DeepSeek-V3.2's lightning indexer (V3.2 report §2.1, eq. 1): which keys each query attends.
+
+  q^I_{t,j} = W^IQ_j c^Q_t            (from MLA's query latent c^Q, reused)
+  k^I_s     = LayerNorm(W^IK h_s)      (one key per token, shared by the indexer heads)
+  w_{t,j}   = W^w_j h_t
+  I_{t,s}   = sum_j w_{t,j} ReLU(q^I_{t,j} . k^I_s)
+
+RoPE covers the first qk_rope_head_dim dims of q^I and k^I in the rotate_half layout, with MLA's
+(YaRN) frequencies; MLA itself rotates interleaved pairs. transformers scales the dots by
+D_I^-1/2 and w by H_I^-1/2; both are positive, so they are folded into w here (the kernel's
+contract). Scores are float32, as in transformers' DeepseekV32Indexer (DeepSeek's own code
+scores in FP8 after a Hadamard rotation, which changes near-ties only).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from deepjax.config import ModelConfig
+from deepjax.model.layers import Dense
+from deepjax.model.norm import LayerNorm
+from deepjax.model.rope import apply_rope
+
+K_NORM_EPS = 1e-6   # transformers' nn.LayerNorm(index_head_dim, eps=1e-6)
+
+
+def indexer_fn(impl: str):
+  """The top-k selection behind `attention_impl`: Pallas score tiles with a running top-k, or
+  the dense XLA reference (scores [B, T, S])."""
+  return pk.lightning_indexer if impl == "pallas" else pk.reference.lightning_indexer
+
+
+class LightningIndexer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    heads, dim = cfg.index_n_heads, cfg.index_head_dim
+    self.wq_b = Dense(cfg.q_lora_rank, heads * dim, ("q_lora", "heads"), dtype=dt,
+                      param_dtype=pdt, std=cfg.initializer_range, rngs=rngs)
+    self.wk = Dense(cfg.hidden_size, dim, ("embed", "index_dim"), dtype=dt, param_dtype=pdt,
+                    std=cfg.initializer_range, rngs=rngs)
+    self.k_norm = LayerNorm(dim, eps=K_NORM_EPS, param_dtype=pdt, axis_name="index_dim")
+    # Head weights stay float32 (transformers keeps weights_proj in float32).
+    self.weights_proj = Dense(cfg.hidden_size, heads, ("embed", "index_heads"),
+                              dtype=jnp.float32, param_dtype=jnp.float32,
+                              std=cfg.initializer_range, rngs=rngs)
+
+  def _rope(self, x, positions):
+    """RoPE on the first qk_rope_head_dim dims, rotate_half layout."""
+    r = self.cfg.qk_rope_head_dim
+    rotated = apply_rope(x[..., :r], positions, self.cfg, interleave=False)
+    return jnp.concatenate([rotated, x[..., r:]], axis=-1)
+
+  def keys(self, h, positions):
+    """k^I [B, T, D_I]: what the cache keeps per token."""
+    k = self.k_norm(self.wk(h))
+    return self._rope(k[:, :, None, :], positions)[:, :, 0]
+
+  def queries(self, h, c_q, positions):
+    """(q^I [B, T, H_I, D_I], w [B, T, H_I] float32 with both scales folded in)."""
+    cfg = self.cfg
+    q = self.wq_b(c_q).reshape(*c_q.shape[:2], cfg.index_n_heads, cfg.index_head_dim)
+    scale = (cfg.index_n_heads * cfg.index_head_dim) ** -0.5
+    return self._rope(q, positions), self.weights_proj(h) * scale
+
+  def __call__(self, h, c_q, positions, keys, key_positions, segment_ids=None):
+    """The top index_topk keys of each query among keys [B, S, D_I] at key_positions [B, S]:
+    (indices [B, T, k] int32, -1 past the visible keys; scores [B, T, k] float32).
+
+    A key is visible when its position is at most the query's (and, for packed sequences
+    with segment_ids [B, T], T == S, in the query's segment). The selection is top-k among
+    the visible keys, which is what transformers' (top-k over the causally masked scores) ∩
+    causal mask attends to.
+    """
+    q, w = self.queries(h, c_q, positions)
+    segments = {} if segment_ids is None else dict(q_segment_ids=segment_ids,
+                                                   k_segment_ids=segment_ids)
+    return indexer_fn(self.cfg.attention_impl)(
+        q, keys.astype(q.dtype), w, top_k=self.cfg.index_topk, q_positions=positions,
+        k_positions=key_positions, **segments)
