@@ -42,6 +42,10 @@ CONFIGS["v2"] = dict(CONFIGS["v3"], model_type="deepseek_v2", q_lora_rank=24,
                      norm_topk_prob=False, routed_scaling_factor=1.0, num_hidden_layers=1,
                      first_k_dense_replace=0, num_nextn_predict_layers=0,
                      rope_scaling=dict(_YARN, mscale=0.707, mscale_all_dim=0.707))
+# V3.2: V3 with DeepSeek Sparse Attention, index_topk 4 so that decoding steps select among
+# the cached keys; 16 indexer heads (few exact score ties); the MTP block has its own indexer.
+CONFIGS["v3.2"] = dict(CONFIGS["v3"], model_type="deepseek_v32", q_lora_rank=24,
+                       rope_interleave=True, index_topk=4, index_head_dim=16, index_n_heads=16)
 V3 = CONFIGS["v3"]
 # Right-padded prompts of different lengths in one batch; every test uses these shapes so that
 # the compiled programs are shared.
