@@ -7,7 +7,10 @@ Nothing is allocated, so the numbers hold for V3-sized configs on a laptop. Conv
 - `activated` counts the parameters one token passes through: embedding row excluded (a lookup),
   routed experts only top-k of them, the LM head included.
 - FLOPs: 2 per multiply-add; training = forward + backward = 3x forward.
-- KV cache: elements per token over all layers (DeepSeek-V2 Table 1), d_h = v_head_dim.
+- KV cache: elements per token over all layers (DeepSeek-V2 Table 1), d_h = v_head_dim; V3.2's
+  layers add the indexer key (d_c + d_h^R + D_I per layer: 42,944 per token against V3's 35,136).
+- V3.2's sparse attention (dsa_attention="sparse") costs each query min(index_topk, visible)
+  keys in the absorbed form, plus the indexer's scores over every visible key.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ def attention_params(cfg: ModelConfig) -> int:
   return q + kv_a + kv_b + o
 
 
+def indexer_params(cfg: ModelConfig) -> int:
+  """V3.2's lightning indexer: wq_b, wk, k_norm (weight and bias), weights_proj (V3.2 §1.3:
+  13.96M per layer at the published sizes)."""
+  heads, dim = cfg.index_n_heads, cfg.index_head_dim
+  return cfg.q_lora_rank * heads * dim + cfg.hidden_size * dim + 2 * dim + cfg.hidden_size * heads
+
+
 def mlp_params(cfg: ModelConfig, width: int) -> int:
   return 3 * cfg.hidden_size * width + int(cfg.mlp_bias) * (2 * width + cfg.hidden_size)
 
@@ -43,6 +53,8 @@ class LayerParams:
 def layer_params(cfg: ModelConfig, layer: int) -> LayerParams:
   """One decoder layer (MTP blocks use layer = num_hidden_layers + k)."""
   common = attention_params(cfg) + 2 * cfg.hidden_size
+  if cfg.attention_kind(layer) == "dsa":
+    common += indexer_params(cfg)
   if not cfg.is_moe_layer(layer):
     dense = mlp_params(cfg, cfg.intermediate_size)
     return LayerParams(common + dense, common + dense)
@@ -76,10 +88,23 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
   return ParamCounts(total=total, activated=activated, embedding=vh, mtp=mtp)
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-  """Forward FLOPs of q.k and p.v per token per layer, averaged over a sequence."""
-  keys = (seq_len + 1) / 2 if causal else seq_len
-  return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                              layer: int = 0) -> float:
+  """Forward FLOPs of q.k and p.v per token in one layer, averaged over a sequence. V3.2's
+  sparse attention: the absorbed form (q.k over d_c + d_h^R, p.v over d_c) on each query's
+  min(index_topk, visible) keys, plus the indexer's H_I D_I dots over every visible key."""
+  visible = (seq_len + 1) / 2 if causal else seq_len
+  if cfg.attention_kind(layer) != "dsa" or cfg.dsa_attention == "dense":
+    return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * visible
+  k = cfg.index_topk
+  if causal:   # mean over t = 1..T of min(t, k)
+    n = min(k, seq_len)
+    selected = (n * (n + 1) / 2 + (seq_len - n) * k) / seq_len
+  else:
+    selected = min(k, seq_len)
+  width = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  return (2 * cfg.num_attention_heads * width * selected
+          + 2 * cfg.index_n_heads * cfg.index_head_dim * visible)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True,
@@ -95,23 +120,28 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, training: bool = True,
       matmul_params += 2 * cfg.hidden_size * cfg.hidden_size + block + \
           (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     layers += cfg.num_nextn_predict_layers
-  forward = 2 * matmul_params + layers * attention_flops_per_token(cfg, seq_len)
+  attention = sum(attention_flops_per_token(cfg, seq_len, layer=l) for l in range(layers))
+  forward = 2 * matmul_params + attention
   return 3 * forward if training else forward
 
 
-def kv_cache_elements_per_token(cfg: ModelConfig, kind: str = "mla", n_groups: int = 1) -> int:
+def kv_cache_elements_per_token(cfg: ModelConfig, kind: str | None = None,
+                                n_groups: int = 1) -> int:
   """DeepSeek-V2 Table 1: elements cached per token across all layers.
 
-  mla: (d_c + d_h^R) l; mha: 2 n_h d_h l; gqa: 2 n_g d_h l; mqa: 2 d_h l.
+  mla: (d_c + d_h^R) l; dsa (V3.2): (d_c + d_h^R + D_I) l; mha: 2 n_h d_h l; gqa: 2 n_g d_h l;
+  mqa: 2 d_h l. kind None: the config's own (dsa for deepseek_v32, else mla).
   """
   l, d_h, n_h = cfg.num_hidden_layers, cfg.v_head_dim, cfg.num_attention_heads
-  per_layer = {"mla": cfg.kv_lora_rank + cfg.qk_rope_head_dim, "mha": 2 * n_h * d_h,
+  kind = kind or cfg.attention_kind(0)
+  mla = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  per_layer = {"mla": mla, "dsa": mla + cfg.index_head_dim, "mha": 2 * n_h * d_h,
                "gqa": 2 * n_groups * d_h, "mqa": 2 * d_h}
   if kind not in per_layer:
     raise ValueError(f"kind must be one of {sorted(per_layer)}, got {kind!r}")
   return per_layer[kind] * l
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, kind: str = "mla", n_groups: int = 1,
+def kv_cache_bytes_per_token(cfg: ModelConfig, kind: str | None = None, n_groups: int = 1,
                              bytes_per_element: int = 2) -> int:
   return kv_cache_elements_per_token(cfg, kind, n_groups) * bytes_per_element

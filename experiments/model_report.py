@@ -12,8 +12,9 @@ from flax import nnx
 
 import deepjax as dj
 from deepjax import accounting
+from deepjax.config import PRESETS
 
-_PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "small", "v2-lite", "v3"], "Model preset.")
+_PRESET = flags.DEFINE_enum("preset", "tiny", sorted(PRESETS), "Model preset.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size of the forward pass.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Sequence length of the forward pass.")
 _FORWARD = flags.DEFINE_bool("forward", True, "Run a forward pass (off for v2-lite / v3 sizes).")
@@ -30,9 +31,10 @@ def main(argv):
         f"embedding {counts.embedding:,}  MTP {counts.mtp:,}")
   print(f"  training FLOPs/token at T={_SEQ_LEN.value}: "
         f"{accounting.flops_per_token(cfg, _SEQ_LEN.value):,.0f}")
-  mla = accounting.kv_cache_elements_per_token(cfg)
+  cached = accounting.kv_cache_elements_per_token(cfg)      # the config's own attention kind
   mha = accounting.kv_cache_elements_per_token(cfg, "mha")
-  print(f"  KV cache elements/token: MLA {mla:,} vs MHA {mha:,} ({mha / mla:.1f}x smaller)")
+  print(f"  KV cache elements/token: {cfg.attention_kind(0).upper()} {cached:,} vs MHA {mha:,} "
+        f"({mha / cached:.1f}x smaller)")
   if not _FORWARD.value:
     return
   model = dj.DeepSeek(cfg, rngs=nnx.Rngs(0))

@@ -7,7 +7,7 @@ from flax import nnx
 
 import deepjax as dj
 from deepjax import accounting
-from hf_reference import SMALL_V2, SMALL_V3
+from hf_reference import SMALL_V2, SMALL_V3, SMALL_V32
 
 
 def test_v3_published_sizes():
@@ -36,6 +36,36 @@ def test_v3_mla_cache_per_token():
   assert accounting.kv_cache_elements_per_token(cfg) == 4.5 * 128 * 61
 
 
+def test_v32_indexer_and_cache_per_token():
+  """DEEPSEEK-V32-V4.md §1.3-1.4: 13.96M indexer parameters per layer, 704 cached elements per
+  token and layer (42,944 over 61 layers against V3's 35,136)."""
+  v3, v32 = dj.ModelConfig.preset("v3"), dj.ModelConfig.preset("v3.2")
+  assert accounting.indexer_params(v32) == 12_582_912 + 917_504 + 458_752 + 256
+  per_layer = accounting.indexer_params(v32)
+  assert accounting.param_counts(v32).total == accounting.param_counts(v3).total + 61 * per_layer
+  assert accounting.kv_cache_elements_per_token(v32) == 704 * 61 == 42944
+  assert accounting.kv_cache_elements_per_token(v32, "mla") == 35136
+
+
+def test_v32_sparse_attention_flops_follow_index_topk():
+  """Sparse: each query costs min(index_topk, visible) absorbed-form keys plus the indexer's
+  dots over every visible key, so at 128k tokens attention costs under a third of dense MLA's
+  (the indexer's O(T) dots are then two thirds of what remains)."""
+  v32 = dj.ModelConfig.preset("v3.2")
+  dense = v32.replace(dsa_attention="dense")
+  short, long = 2048, 131072
+  # Up to index_topk tokens nothing is left out: the absorbed form over every visible key.
+  sparse_short = accounting.attention_flops_per_token(v32, short)
+  width = 2 * 512 + 64
+  assert sparse_short == pytest.approx(2 * 128 * width * (short + 1) / 2
+                                       + 2 * 64 * 128 * (short + 1) / 2)
+  ratio = (accounting.attention_flops_per_token(v32, long)
+           / accounting.attention_flops_per_token(dense, long))
+  assert 0.25 < ratio < 0.33, ratio
+  assert accounting.attention_flops_per_token(dense, long) == pytest.approx(
+      accounting.attention_flops_per_token(dj.ModelConfig.preset("v3"), long))
+
+
 def test_small_preset_is_about_100m():
   assert 90e6 < accounting.param_counts(dj.ModelConfig.preset("small")).total < 110e6
 
@@ -44,7 +74,8 @@ def test_small_preset_is_about_100m():
     dict(SMALL_V3, num_nextn_predict_layers=2),
     dict(SMALL_V3, q_lora_rank=None, attention_bias=True, tie_word_embeddings=True),
     dict(SMALL_V2, mlp_bias=True, first_k_dense_replace=2, moe_layer_freq=1),
-], ids=["v3_mtp2", "v3_bias_tied", "v2_mlp_bias"])
+    dict(SMALL_V32, num_nextn_predict_layers=1),
+], ids=["v3_mtp2", "v3_bias_tied", "v2_mlp_bias", "v32_mtp"])
 def test_counts_match_model_arrays(overrides):
   cfg = dj.ModelConfig(**overrides)
   model = dj.DeepSeek(cfg, rngs=nnx.Rngs(0))
