@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import deepjax as dj
 from deepjax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
-from hf_reference import SMALL_V2, SMALL_V3, hf_logits, hf_model, relative_error
+from hf_reference import SMALL_V2, SMALL_V3, SMALL_V32, hf_logits, hf_model, relative_error
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 13)).astype(np.int32)
 
@@ -31,9 +31,10 @@ def _rewrite(path, fname, change):
                     [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.__getitem__)
 
 
-@pytest.mark.parametrize("base", [SMALL_V3, SMALL_V2], ids=["v3", "v2"])
+@pytest.mark.parametrize("base", [SMALL_V3, SMALL_V2, SMALL_V32], ids=["v3", "v2", "v3.2"])
 def test_save_hf_loads_in_transformers(base, tmp_path):
-  cfg = dj.ModelConfig(**dict(base, num_nextn_predict_layers=1 if base is SMALL_V3 else 0))
+  """V3.2's MTP layer (with its own indexer) is in the file; transformers skips it."""
+  cfg = dj.ModelConfig(**dict(base, num_nextn_predict_layers=int(base is not SMALL_V2)))
   model = dj.DeepSeek(cfg, rngs=nnx.Rngs(7))
   dj.save_hf(model, str(tmp_path))
   reference = transformers.AutoModelForCausalLM.from_pretrained(
@@ -78,8 +79,11 @@ def _quantize_fp8(w):
   return q, scale
 
 
-def test_fp8_block_quantized_weights_dequantize(tmp_path):
-  cfg = dj.ModelConfig(**dict(SMALL_V3, hidden_size=160, intermediate_size=272))  # partial blocks
+@pytest.mark.parametrize("base", [SMALL_V3, SMALL_V32], ids=["v3", "v3.2"])
+def test_fp8_block_quantized_weights_dequantize(base, tmp_path):
+  """The hub's layout: every projection in e4m3 with 128x128 scales (V3.2: the indexer's wq_b
+  and wk too; its weights_proj stays unquantized), partial blocks at the edges."""
+  cfg = dj.ModelConfig(**dict(base, hidden_size=160, intermediate_size=272))
   model = dj.DeepSeek(cfg, rngs=nnx.Rngs(3))
   dj.save_hf(model, str(tmp_path))
   expected = {}
@@ -87,7 +91,8 @@ def test_fp8_block_quantized_weights_dequantize(tmp_path):
   def quantize(tensors):
     out = {}
     for name, w in tensors.items():
-      if name.endswith("proj.weight") and w.ndim == 2:
+      quantized = name.endswith(("proj.weight", "indexer.wq_b.weight", "indexer.wk.weight"))
+      if quantized and "weights_proj" not in name and w.ndim == 2:
         q, scale = _quantize_fp8(w)
         out[name], out[name + "_scale_inv"] = q, scale
         expected[name] = q.astype(np.float32) * np.kron(scale, np.ones((128, 128)))[
