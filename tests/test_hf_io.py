@@ -57,6 +57,29 @@ def test_fused_expert_layout_loads(tmp_path):
   assert relative_error(_logits(dj.load_hf(str(tmp_path))), hf_logits(reference, TOKENS)) < 1e-5
 
 
+@pytest.mark.parametrize("base", [SMALL_V3, SMALL_V32], ids=["v3", "v3.2"])
+def test_transformers_checkpoint_without_mtp_layers_loads(base, tmp_path, capsys):
+  """transformers' save_pretrained drops the MTP layer but keeps num_nextn_predict_layers: the
+  model loads without MTP modules and says so in one line."""
+  cfg = dj.ModelConfig(**dict(base, num_nextn_predict_layers=1))
+  reference = hf_model(cfg, seed=4)
+  reference.save_pretrained(tmp_path)
+  assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+  model = dj.load_hf(str(tmp_path))
+  assert model.cfg.num_nextn_predict_layers == 0
+  assert "holds no MTP layer" in capsys.readouterr().out
+  assert relative_error(_logits(model), hf_logits(reference, TOKENS)) < 1e-5
+
+
+def test_partial_mtp_layer_is_named(tmp_path):
+  cfg = dj.ModelConfig(**dict(SMALL_V3, num_nextn_predict_layers=1))
+  dj.save_hf(dj.DeepSeek(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
+  _rewrite(str(tmp_path), "model.safetensors",
+           lambda t: {k: v for k, v in t.items() if k != "model.layers.3.enorm.weight"})
+  with pytest.raises(KeyError, match="model.layers.3.enorm.weight"):
+    dj.load_hf(str(tmp_path))
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
   model = dj.DeepSeek(dj.ModelConfig(**SMALL_V3), rngs=nnx.Rngs(1))
   dj.save_hf(model, str(tmp_path), max_shard_bytes=64 * 1024)

@@ -212,8 +212,20 @@ def _read_entry(ckpt: _Checkpoint, entry: Entry, cfg: ModelConfig, used: set) ->
   return stacked
 
 
+def _without_absent_mtp(cfg: ModelConfig, ckpt: "_Checkpoint", path: str) -> ModelConfig:
+  """transformers drops MTP modules (V3 and V3.2 alike) but keeps num_nextn_predict_layers in
+  config.json: a checkpoint with no tensor of any MTP layer loads without MTP modules, and says
+  so. One with some of them is still read, and a missing tensor is an error naming it."""
+  mtp = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers)]
+  if not mtp or any(n.startswith(tuple(mtp)) for n in ckpt.names()):
+    return cfg
+  print(f"load_hf: {path} holds no MTP layer (config.json: num_nextn_predict_layers="
+        f"{cfg.num_nextn_predict_layers}; transformers does not save them): loading without MTP")
+  return cfg.replace(num_nextn_predict_layers=0)
+
+
 def load_hf(path: str, dtype=jnp.float32, **overrides) -> DeepSeek:
-  """A DeepSeek model with the weights of a transformers/hub DeepseekV2 or V3 directory.
+  """A DeepSeek model with the weights of a transformers/hub DeepseekV2, V3 or V3.2 directory.
 
   `dtype` becomes both the parameter and the compute dtype; `overrides` set other ModelConfig
   fields (e.g. attention_impl="pallas"). Raises naming the tensor for unknown or missing
@@ -227,6 +239,7 @@ def load_hf(path: str, dtype=jnp.float32, **overrides) -> DeepSeek:
   name = jnp.dtype(dtype).name
   cfg = ModelConfig.from_hf(hf_config, **{"dtype": name, "param_dtype": name, **overrides})
   ckpt = _Checkpoint(path)
+  cfg = _without_absent_mtp(cfg, ckpt, path)
 
   abstract = nnx.eval_shape(lambda: DeepSeek(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
