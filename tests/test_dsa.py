@@ -104,3 +104,100 @@ def test_greedy_generate_matches_transformers(impl, reference):
   with jax.default_matmul_precision("highest"):
     ours = dj.generate(dj.load_hf(path, attention_impl=impl), prompts, max_new_tokens=12)
   np.testing.assert_array_equal(np.asarray(ours), expected)
+
+
+# -- The indexer's training loss (V3.2 eqs. 3-4). -----------------------------------------------
+
+
+def test_indexer_kl_matches_a_hand_written_loop():
+  """indexer_kl against a per-query numpy loop, and its gradient in the indexer scores
+  against the closed form (softmax(I) - p) / rows."""
+  from deepjax.model.indexer import indexer_kl
+  rng = np.random.default_rng(6)
+  b, t, h, n = 2, 5, 3, 7
+  main = rng.normal(size=(b, t, h, n)).astype(np.float32)
+  scores = rng.normal(size=(b, t, n)).astype(np.float32)
+  valid = rng.random((b, t, n)) < 0.6
+  valid[0, 0] = False                                   # a query with no key: left out
+  valid[1, 2, :] = False
+  valid[1, 2, 3] = True                                 # a single key: KL 0
+  token_mask = np.ones((b, t), bool)
+  token_mask[1, 4] = False                              # padding: left out
+
+  expected, rows, grad = 0.0, 0, np.zeros_like(scores)
+  for i, j in np.ndindex(b, t):
+    keys = np.flatnonzero(valid[i, j])
+    if not len(keys) or not token_mask[i, j]:
+      continue
+    logits = main[i, j][:, keys].astype(np.float64)
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    p = (attn / attn.sum(-1, keepdims=True)).sum(0)
+    p /= p.sum()                                        # L1-normalised over the key set
+    s = scores[i, j, keys].astype(np.float64)
+    q = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+    expected += np.sum(p * (np.log(p) - np.log(q)))
+    grad[i, j, keys] = q - p
+    rows += 1
+  args = (jnp.asarray(main), jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(token_mask))
+  value, got_grad = jax.value_and_grad(indexer_kl, argnums=1)(*args)
+  np.testing.assert_allclose(float(value), expected / rows, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_grad), grad / rows, rtol=1e-4, atol=1e-7)
+
+
+def _split_grads(model, loss):
+  """(max |grad| over indexer parameters, over all others) of loss(model)."""
+  params = nnx.state(model, nnx.Param)
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  grads = jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(params)
+  flat = nnx.to_flat_state(grads)
+  biggest = lambda keep: max(float(jnp.max(jnp.abs(v[...]))) for path, v in flat
+                             if ("indexer" in path) == keep)
+  return biggest(True), biggest(False)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_indexer_learns_only_from_its_loss_and_the_model_only_from_lm(mode):
+  """The indexer's input is detached (V3.2 §2.1): L_I moves only indexer parameters, and the
+  LM loss none of them."""
+  from deepjax.train.loss import cross_entropy, next_token_targets
+  cfg = dj.ModelConfig(**dict(SMALL_V32, dsa_attention=mode))
+  model = random_model(cfg, seed=7)
+  tokens = jnp.asarray(np.random.default_rng(7).integers(0, 97, (2, 16)), jnp.int32)
+  segments = jnp.ones_like(tokens)
+
+  def lm(m):
+    targets, mask = next_token_targets(tokens, segments)
+    return cross_entropy(m(tokens).logits, targets, mask)[0]
+
+  indexer, others = _split_grads(model, lambda m: m(tokens).indexer_kl)
+  assert indexer > 0 and others == 0
+  indexer, others = _split_grads(model, lm)
+  assert indexer == 0 and others > 0
+
+
+def test_sparse_loss_over_every_key_equals_the_dense_loss():
+  """With index_topk >= T every visible key is selected: eq. 4 over S_t is eq. 3."""
+  tokens = jnp.asarray(np.random.default_rng(8).integers(0, 97, (2, 12)), jnp.int32)
+  sparse = random_model(dj.ModelConfig(**dict(SMALL_V32, index_topk=12)), seed=8)
+  dense = random_model(dj.ModelConfig(**dict(SMALL_V32, index_topk=12, dsa_attention="dense")),
+                       seed=8)
+  with jax.default_matmul_precision("highest"):
+    kl_sparse, kl_dense = sparse(tokens).indexer_kl, dense(tokens).indexer_kl
+  assert float(kl_dense) > 1e-4
+  np.testing.assert_allclose(float(kl_sparse), float(kl_dense), rtol=1e-5)
+
+
+def test_warm_up_optimizer_moves_only_the_indexer():
+  """trainable="indexer": every other parameter is left as it is, with no Adam state."""
+  from deepjax.train.optimizer import OptimizerConfig, make_optimizer
+  model = random_model(dj.ModelConfig(**SMALL_V32), seed=9)
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer(OptimizerConfig(trainable="indexer", warmup_steps=0, total_steps=10))
+  state = tx.init(params)
+  updates, _ = tx.update(grads, state, params)
+  for path, update in nnx.to_flat_state(updates):
+    moved = float(jnp.max(jnp.abs(update[...]))) > 0
+    assert moved == ("indexer" in path), path
+  with pytest.raises(ValueError, match="trainable must be one of"):
+    OptimizerConfig(trainable="router")

@@ -6,6 +6,7 @@ V2 and V3 are configurations of this one layer: attention `mla`, MLP `dense` (th
 indexer). V4 will add its kinds to these tables.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,10 +19,19 @@ from deepjax.model.moe import MoE, RouterStats
 from deepjax.model.norm import RMSNorm
 
 # attention kind -> module; each takes (x, positions, segment_ids, cache, prefill=) and returns
-# (output, updated cache), and names its per-layer cache as `cache_type`.
+# (output, updated cache, auxiliary training loss or None), and names its per-layer cache as
+# `cache_type`.
 ATTENTION_MODULES = {"mla": MultiHeadLatentAttention, "dsa": DeepSeekSparseAttention}
 MLP_MODULES = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
         "moe": lambda cfg, rngs: MoE(cfg, rngs=rngs)}
+
+
+@flax.struct.dataclass
+class LayerStats:
+  """What a layer reports beside its output: the MoE's routing statistics (None for a dense
+  MLP) and the attention's auxiliary loss (V3.2's indexer KL in training; else None)."""
+  router: RouterStats | None
+  indexer_kl: jax.Array | None
 
 
 def layer_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
@@ -41,10 +51,10 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP_MODULES[cfg.mlp_kind(layer_idx)](cfg, rngs)
 
   def __call__(self, x: jax.Array, positions, segment_ids=None, cache=None, *,
-               prefill: bool = False) -> tuple[jax.Array, RouterStats | None, object]:
-    """-> (x, the MoE's routing statistics or None, the attention's updated cache)."""
-    y, cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache,
-                              prefill=prefill)
+               prefill: bool = False) -> tuple[jax.Array, LayerStats, object]:
+    """-> (x, the layer's LayerStats, the attention's updated cache)."""
+    y, cache, indexer_kl = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache,
+                                          prefill=prefill)
     x = x + y
     if self.is_moe:
       token_mask = None if segment_ids is None else segment_ids != 0
@@ -52,4 +62,4 @@ class DecoderLayer(nnx.Module):
                           decoding=cache is not None and not prefill)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(x)), None
-    return x + y, stats, cache
+    return x + y, LayerStats(router=stats, indexer_kl=indexer_kl), cache

@@ -12,6 +12,11 @@ so work and memory follow index_topk, not T. Training, prefill and decoding run 
 only where the keys come from differs (this call's tokens, or the cache).
 `dsa_attention="dense"` ignores the selection and runs MLA as V3 does: the indexer warm-up
 stage (V3.2 §2.1), where only the indexer trains.
+
+In training (no cache) the layer also returns the indexer's KL loss (V3.2 eqs. 3-4) against
+its main attention: over every visible key in the dense mode, over the selected keys in the
+sparse one. The indexer reads detached inputs, so it learns only from that loss and the model
+only from the LM loss (V3.2 §2.1).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
-from deepjax.model.indexer import LightningIndexer
+from deepjax.model.indexer import LightningIndexer, indexer_kl
 from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
 
 
@@ -60,36 +65,67 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     self.indexer = LightningIndexer(cfg, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids=None, cache: DSACache | None = None, *,
-               prefill: bool = False) -> tuple[jax.Array, DSACache | None]:
-    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache); the
-    arguments mean what they mean for `MultiHeadLatentAttention`."""
+               prefill: bool = False) -> tuple[jax.Array, DSACache | None, jax.Array | None]:
+    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache, the
+    indexer's KL loss in training, else None); the arguments mean what they mean for
+    `MultiHeadLatentAttention`."""
     b, t, _ = x.shape
     c_q = self.query_latent(x)
     q_nope, q_rope = self.query_heads(c_q, positions)
     c_kv, k_rope = self.latent(x, positions)
-    index_keys = self.indexer.keys(x, positions)
+    h_index, c_q_index = jax.lax.stop_gradient((x, c_q))     # the indexer's detached input
+    index_keys = self.indexer.keys(h_index, positions)
     if cache is not None:
       cache = cache.write(c_kv, k_rope, index_keys, positions)
     from_cache = cache is not None and not prefill
+    selection = None
     if self.cfg.dsa_attention == "dense":
       o = (self.absorbed(q_nope, q_rope, cache, positions) if from_cache
            else self.expanded(q_nope, q_rope, c_kv, k_rope, segment_ids))
     elif from_cache:   # decoding: the keys are the cache's entries 0..S-1
       key_positions = jnp.broadcast_to(jnp.arange(cache.latent.shape[1]), cache.latent.shape[:2])
-      indices, _ = self.indexer(x, c_q, positions, cache.index_keys, key_positions)
-      o = self.sparse(q_nope, q_rope, cache.latent, cache.rope, indices)
+      indices, _ = self.indexer(h_index, c_q_index, positions, cache.index_keys, key_positions)
+      o = self.sparse(self.absorbed_query(q_nope, q_rope), cache.latent, cache.rope, indices)
     else:              # training and prefill: the keys are this call's tokens
-      indices, _ = self.indexer(x, c_q, positions, index_keys, positions, segment_ids)
-      o = self.sparse(q_nope, q_rope, c_kv, k_rope, indices)
-    return self.o_proj(o.reshape(b, t, -1)), cache
+      selection = self.indexer(h_index, c_q_index, positions, index_keys, positions, segment_ids)
+      o = self.sparse(self.absorbed_query(q_nope, q_rope), c_kv, k_rope, selection[0])
+    loss = None
+    if cache is None:
+      loss = self.indexer_loss(self.absorbed_query(q_nope, q_rope), c_kv, k_rope, h_index,
+                               c_q_index, positions, index_keys, segment_ids, selection)
+    return self.o_proj(o.reshape(b, t, -1)), cache, loss
 
-  def sparse(self, q_nope, q_rope, latent, rope, indices):
-    """Absorbed MLA over each query's selected entries of latent [B,S,d_c] and rope [B,S,d_R]
-    -> [B, T, H, v_head_dim]."""
-    w_uk, w_uv = self.absorbed_weights()
-    q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)             # W^UK into the query
-    q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
+  def absorbed_query(self, q_nope, q_rope):
+    """[W^UK^T q^C; q^R] [B, T, H, d_c + d_R]: the query of the MQA form (V2 §2.1.2)."""
+    w_uk, _ = self.absorbed_weights()
+    q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
+    return jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
+
+  def sparse(self, q, latent, rope, indices):
+    """Absorbed MLA of q [B,T,H,d_c+d_R] over each query's selected entries of latent
+    [B,S,d_c] and rope [B,S,d_R] -> [B, T, H, v_head_dim]."""
     kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
     o_latent = sparse_attention_fn(self.cfg.attention_impl)(
         q, kv, indices, d_v=self.cfg.kv_lora_rank, sm_scale=self.cfg.softmax_scale)
-    return jnp.einsum("bthc,chv->bthv", o_latent, w_uv)               # W^UV into the output
+    return jnp.einsum("bthc,chv->bthv", o_latent, self.absorbed_weights()[1])   # W^UV
+
+  def indexer_loss(self, q, latent, rope, h, c_q, positions, index_keys, segment_ids,
+                   selection):
+    """V3.2 eq. 3 (selection None: every visible key, the dense warm-up) or eq. 4 (the
+    selected keys and their differentiable indexer scores), against this layer's main
+    attention logits in the absorbed form."""
+    kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
+    token_mask = None if segment_ids is None else segment_ids != 0
+    if selection is None:
+      main = jnp.einsum("bthd,bsd->bths", q, kv, preferred_element_type=jnp.float32)
+      valid = positions[:, None, :] <= positions[:, :, None]
+      if segment_ids is not None:
+        valid &= segment_ids[:, None, :] == segment_ids[:, :, None]
+      index_q, weights = self.indexer.queries(h, c_q, positions)
+      scores = pk.reference.indexer_scores(index_q, index_keys.astype(index_q.dtype), weights)
+    else:
+      indices, scores = selection
+      valid = indices >= 0
+      rows = jax.vmap(lambda x, i: x[i])(kv, jnp.where(valid, indices, 0))   # [B,T,K,D]
+      main = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32)
+    return indexer_kl(main * self.cfg.softmax_scale, scores, valid, token_mask)

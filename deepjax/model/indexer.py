@@ -25,6 +25,27 @@ from deepjax.model.rope import apply_rope
 K_NORM_EPS = 1e-6   # transformers' nn.LayerNorm(index_head_dim, eps=1e-6)
 
 
+def indexer_kl(main_scores, index_scores, valid, token_mask=None):
+  """The indexer's training loss (V3.2 eqs. 3-4), mean over query tokens:
+
+    L_I = KL(p_t || softmax(I_t)),   p_t = L1-normalised sum over heads of softmax(main scores)
+
+  over each query's key set: every visible key in the dense warm-up (eq. 3), the selected
+  keys S_t in the sparse stage (eq. 4). main_scores [B,T,H,N] (the main attention's scaled
+  logits; a target, so no gradient flows back), index_scores [B,T,N], valid [B,T,N] bool,
+  token_mask [B,T] (False: padding, left out) -> float32 scalar.
+  """
+  main = jnp.where(valid[:, :, None], main_scores.astype(jnp.float32), -jnp.inf)
+  target = jax.lax.stop_gradient(jnp.mean(jax.nn.softmax(main, axis=-1), axis=2))  # [B,T,N]
+  log_q = jax.nn.log_softmax(jnp.where(valid, index_scores, -jnp.inf), axis=-1)
+  terms = jnp.where(valid & (target > 0), target * (jnp.log(target) - log_q), 0.0)
+  rows = jnp.any(valid, axis=-1)
+  if token_mask is not None:
+    rows &= token_mask
+  kl = jnp.where(rows, jnp.sum(terms, axis=-1), 0.0)
+  return jnp.sum(kl) / jnp.maximum(jnp.sum(rows), 1)
+
+
 def indexer_fn(impl: str):
   """The top-k selection behind `attention_impl`: Pallas score tiles with a running top-k, or
   the dense XLA reference (scores [B, T, S])."""

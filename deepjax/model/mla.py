@@ -101,8 +101,9 @@ class MultiHeadLatentAttention(nnx.Module):
     self.o_proj = dense(nh * cfg.v_head_dim, h, ("heads", "embed"), cfg.attention_bias)
 
   def __call__(self, x, positions, segment_ids=None, cache: MLACache | None = None, *,
-               prefill: bool = False) -> tuple[jax.Array, MLACache | None]:
-    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache).
+               prefill: bool = False) -> tuple[jax.Array, MLACache | None, None]:
+    """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache, None: MLA
+    has no auxiliary loss).
 
     No cache: training; causal attention within each row (and segment). With a cache the
     tokens' c^KV and k^R are written at their positions first. prefill: the cache was empty
@@ -119,7 +120,7 @@ class MultiHeadLatentAttention(nnx.Module):
       o = self.expanded(q_nope, q_rope, c_kv, k_rope, segment_ids)
     else:
       o = self.absorbed(q_nope, q_rope, cache, positions)
-    return self.o_proj(o.reshape(b, t, -1)), cache
+    return self.o_proj(o.reshape(b, t, -1)), cache, None
 
   def query(self, x, positions):
     """Per-head query parts (q_nope [B,T,H,nope], q_rope [B,T,H,rope]), rope applied."""

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepjax.config import ModelConfig
-from deepjax.model.block import DecoderLayer
+from deepjax.model.block import DecoderLayer, LayerStats
 from deepjax.model.layers import Dense
-from deepjax.model.moe import RouterStats
 from deepjax.model.norm import RMSNorm
 
 
@@ -32,9 +31,9 @@ class MTPModule(nnx.Module):
 
   def __call__(self, hidden: jax.Array, next_embedding: jax.Array, positions, segment_ids=None,
                cache=None, *, prefill: bool = False
-               ) -> tuple[jax.Array, jax.Array, RouterStats | None, object]:
-    """-> (h^k for the next depth, normed h^k for the head, routing stats of the block, the
-    block's updated cache)."""
+               ) -> tuple[jax.Array, jax.Array, LayerStats, object]:
+    """-> (h^k for the next depth, normed h^k for the head, the block's LayerStats, its
+    updated cache)."""
     x = self.eh_proj(jnp.concatenate([self.enorm(next_embedding), self.hnorm(hidden)], -1))
     h, stats, cache = self.block(x, positions, segment_ids, cache, prefill=prefill)
     return h, self.final_norm(h), stats, cache

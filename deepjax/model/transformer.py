@@ -27,6 +27,8 @@ class ModelOutput:
   mtp_logits: jax.Array | None      # [D, B, T, vocab] float32, depth k predicts t_{i+k+1}
   router: RouterStats | None        # [L_moe, B, E]: main MoE layers, then each MTP block's
   hidden: jax.Array                 # [B, T, H] final-normed hidden states
+  indexer_kl: jax.Array | None = None   # V3.2: the indexer's KL loss (eqs. 3-4), mean over
+                                        # the DSA layers, main and MTP
 
 
 class DeepSeek(nnx.Module):
@@ -72,8 +74,8 @@ class DeepSeek(nnx.Module):
 
     caches: None (training), or one cache per main layer (`layer_cache`), updated and returned;
     prefill and the cached forward are as in the attention modules (e.g. MLA's).
-    -> (h [B, T, hidden], the last layer's output before the final norm; the MoE layers'
-    RouterStats; the updated caches or None).
+    -> (h [B, T, hidden], the last layer's output before the final norm; every layer's
+    LayerStats; the updated caches or None).
     """
     stats, new_caches = [], []
     h = self.embed_tokens(tokens)
@@ -81,8 +83,7 @@ class DeepSeek(nnx.Module):
       h, s, cache = layer(h, positions, segment_ids, None if caches is None else caches[i],
                           prefill=prefill)
       new_caches.append(cache)
-      if s is not None:
-        stats.append(s)
+      stats.append(s)
     return h, stats, None if caches is None else tuple(new_caches)
 
   def mtp_forward(self, depth: int, h, next_tokens, positions, segment_ids=None, cache=None, *,
@@ -91,7 +92,7 @@ class DeepSeek(nnx.Module):
 
     h: the previous depth's output (the main model's pre-norm output for depth 1);
     next_tokens [B, T]: t_{i+depth} at each position. -> (h^k, final-normed h^k: `head` of it
-    predicts t_{i+depth+1}, the block's RouterStats or None, its updated cache).
+    predicts t_{i+depth+1}, the block's LayerStats, its updated cache).
     """
     return self.mtp[depth - 1](h, self.embed_tokens(next_tokens), positions, segment_ids, cache,
                                prefill=prefill)
@@ -110,14 +111,14 @@ class DeepSeek(nnx.Module):
       shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((b, min(k, t)), tokens.dtype)], 1)
       h, mtp_normed, s, _ = self.mtp_forward(k, h, shifted, positions, segment_ids)
       mtp_logits.append(self.head(mtp_normed))
-      if s is not None:
-        stats.append(s)
+      stats.append(s)
 
-    router = None
-    if stats:
-      router = jax.tree.map(lambda *layers: jnp.stack(layers), *stats)
+    routers = [s.router for s in stats if s.router is not None]
+    router = jax.tree.map(lambda *layers: jnp.stack(layers), *routers) if routers else None
+    kls = [s.indexer_kl for s in stats if s.indexer_kl is not None]
     return ModelOutput(logits=logits, mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
-                       router=router, hidden=normed)
+                       router=router, hidden=normed,
+                       indexer_kl=jnp.mean(jnp.stack(kls)) if kls else None)
 
 
 def check_tokens(tokens, vocab_size: int) -> None:

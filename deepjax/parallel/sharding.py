@@ -50,6 +50,8 @@ def tree_shardings(tree, mesh: Mesh):
   """NamedShardings for a pytree of nnx Variables (by their `logical_axes`) and plain arrays
   (replicated). Works for model state and for optimizer state that mirrors it."""
   def one(x):
+    if _is_variable(x) and not jax.tree.leaves(x):
+      return x     # holds no array: an optimizer's placeholder for a frozen parameter
     if _is_variable(x):
       axes = x.get_metadata().get("logical_axes")
       spec = logical_spec(axes, x.shape, mesh) if axes else P()

@@ -1,6 +1,7 @@
 """Training objective (DeepSeek-V3 §2.2-2.3): next-token cross-entropy, the MTP losses and a
 balance loss, either V3's complementary sequence-wise loss or the classic expert-level auxiliary
-loss over the batch. Targets never cross document boundaries."""
+loss over the batch; for V3.2, the indexer's KL loss (V3.2 eqs. 3-4, computed by the model).
+Targets never cross document boundaries."""
 
 import flax.struct
 import jax
@@ -16,6 +17,7 @@ class Losses:
   mtp: jax.Array         # (1/D) sum_k L_MTP^k  (V3 eq. 25 without lambda)
   balance: jax.Array     # sum_i f_i P_i averaged over MoE layers (and rows if sequence-wise)
   tokens: jax.Array      # number of valid next-token targets
+  indexer_kl: jax.Array | None   # V3.2's L_I, mean over DSA layers and tokens (None: no indexer)
 
 
 def next_token_targets(tokens, segment_ids, k: int = 1):
@@ -94,8 +96,11 @@ BALANCE_LOSSES = {"sequence": sequence_balance_loss, "batch": batch_balance_loss
 
 
 def training_losses(out: ModelOutput, tokens, segment_ids, *, top_k: int, mtp_weight: float,
-                    balance_weight: float, balance_scope: str = "sequence") -> Losses:
-  """balance_scope: "sequence" (V3 eq. 17, per row) or "batch" (the expert-level aux loss)."""
+                    balance_weight: float, balance_scope: str = "sequence",
+                    indexer_weight: float = 1.0) -> Losses:
+  """balance_scope: "sequence" (V3 eq. 17, per row) or "batch" (the expert-level aux loss).
+  indexer_weight scales V3.2's L_I; its gradient reaches only the indexer (whose input the
+  model detaches), so the weight sets the indexer's step size against the model's."""
   targets, mask = next_token_targets(tokens, segment_ids, 1)
   lm, count = cross_entropy(out.logits, targets, mask)
   mtp = jnp.zeros((), jnp.float32)
@@ -109,4 +114,7 @@ def training_losses(out: ModelOutput, tokens, segment_ids, *, top_k: int, mtp_we
     valid = jnp.sum(segment_ids != 0, axis=-1).astype(jnp.float32)
     balance = BALANCE_LOSSES[balance_scope](out.router.counts, out.router.affinity, valid, top_k)
   total = lm + mtp_weight * mtp + balance_weight * balance
-  return Losses(total=total, lm=lm, mtp=mtp, balance=balance, tokens=count)
+  if out.indexer_kl is not None:
+    total += indexer_weight * out.indexer_kl
+  return Losses(total=total, lm=lm, mtp=mtp, balance=balance, tokens=count,
+                indexer_kl=out.indexer_kl)

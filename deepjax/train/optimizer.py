@@ -1,12 +1,16 @@
 """AdamW with linear warmup + cosine decay and global-norm clipping (V3 §4.2 recipe shape).
 
 Weight decay applies to matrices only: norms' scales and biases (1-D parameters) are exempt.
+`trainable="indexer"` trains V3.2's lightning indexers alone and leaves every other parameter
+as it is, with no optimizer state (the dense warm-up stage, V3.2 §2.1).
 """
 
 import dataclasses
 
 import jax
 import optax
+
+TRAINABLE = ("all", "indexer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +24,11 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip: float = 1.0
+  trainable: str = "all"          # "all", or "indexer": V3.2's indexer warm-up
+
+  def __post_init__(self):
+    if self.trainable not in TRAINABLE:
+      raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -34,8 +43,18 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def in_indexer(path) -> bool:
+  """Whether a parameter's tree path runs through a lightning indexer (V3.2)."""
+  return any(getattr(key, "key", getattr(key, "name", None)) == "indexer" for key in path)
+
+
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  return optax.chain(
+  adamw = optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.trainable == "all":
+    return adamw
+  labels = lambda params: jax.tree_util.tree_map_with_path(   # noqa: E731
+      lambda path, _: "train" if in_indexer(path) else "frozen", params)
+  return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)

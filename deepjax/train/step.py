@@ -27,6 +27,7 @@ class ObjectiveConfig:
   balance_loss_weight: float = 1e-4    # alpha of the balance loss (V3 eq. 17)
   bias_update_speed: float = 1e-3      # gamma of aux-loss-free balancing (V3 §2.1.2)
   balance_loss_scope: str = "sequence"  # "sequence" (V3) or "batch" (expert-level aux loss)
+  indexer_loss_weight: float = 1.0     # V3.2's indexer KL loss (eqs. 3-4)
 
   def __post_init__(self):
     if self.balance_loss_scope not in BALANCE_LOSSES:
@@ -48,7 +49,8 @@ def _losses(model, out, batch, objective: ObjectiveConfig):
                          top_k=model.cfg.num_experts_per_tok,
                          mtp_weight=objective.mtp_loss_weight,
                          balance_weight=objective.balance_loss_weight,
-                         balance_scope=objective.balance_loss_scope)
+                         balance_scope=objective.balance_loss_scope,
+                         indexer_weight=objective.indexer_loss_weight)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, objective:
@@ -66,6 +68,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
     metrics = dict(loss=losses.total, lm_loss=losses.lm, mtp_loss=losses.mtp,
                    balance_loss=losses.balance, lr=schedule(state.step),
                    grad_norm=optax.tree_utils.tree_norm(grads), tokens=losses.tokens)
+    if losses.indexer_kl is not None:
+      metrics["indexer_kl"] = losses.indexer_kl
     if router is not None:
       loads = expert_loads(router.counts)
       violation = max_violation(loads)
