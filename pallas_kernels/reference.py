@@ -178,9 +178,15 @@ def sparse_mqa_attention(q, kv, indices, *, d_v, sm_scale, sink=None, interpret=
 
 def indexer_scores(q, k, w):
   """The lightning indexer's scores (V3.2 eq. 1): I[b,t,s] = sum_h w[b,t,h] relu(q[b,t,h] . k[b,s]),
-  float32, [B,T,S]."""
-  dots = jnp.einsum("bthd,bsd->btsh", q, k, preferred_element_type=jnp.float32)
-  return jnp.einsum("btsh,bth->bts", jax.nn.relu(dots), w.astype(jnp.float32))
+  float32, [B,T,S]. One head at a time: memory [B,T,S], never [B,T,S,Hi]."""
+  def head(scores, qw):
+    q_h, w_h = qw
+    dots = jnp.einsum("btd,bsd->bts", q_h, k, preferred_element_type=jnp.float32)
+    return scores + jax.nn.relu(dots) * w_h.astype(jnp.float32)[..., None], None
+
+  init = jnp.zeros(q.shape[:2] + k.shape[1:2], jnp.float32)
+  scores, _ = jax.lax.scan(head, init, (jnp.moveaxis(q, 2, 0), jnp.moveaxis(w, 2, 0)))
+  return scores
 
 
 def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids=None,
