@@ -84,10 +84,12 @@ class BlockSizes:
   @classmethod
   def get_default(cls, backend: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
     backend = backend or platform.backend()
-    if backend == "gpu":   # not yet measured on a GPU: FlashMLA's sparse tiling (64 x 64)
+    if backend == "gpu":   # not yet timed on a GPU; the largest tiles whose backward fits an
+      # SM (ptxas, sm_90, V3.2's D 576: 64 x 64 takes 408 KiB of shared memory). bwd_chunk
+      # keeps a pass's per-slot rows (bwd_chunk x heads / block_h x K x D f32) near 5 GB.
       if jnp.dtype(dtype).itemsize >= 4:
-        return cls(block_k=32, block_h=16, min_heads=16, bwd_chunk=512, num_warps=8)
-      return cls(block_k=64, block_h=64, min_heads=16, bwd_chunk=1024, num_warps=8)
+        return cls(block_k=16, block_h=16, min_heads=16, bwd_chunk=128, num_warps=8)
+      return cls(block_k=32, block_h=32, min_heads=16, bwd_chunk=256, num_warps=8)
     if backend == "tpu":   # not tuned on a TPU
       return cls(block_k=128, min_heads=8, bwd_chunk=512, dma_gather=True)
     return cls()

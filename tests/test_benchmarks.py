@@ -100,11 +100,49 @@ def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
   assert "interpret=True" in report
   for title in ("Measured ceilings", "Correctness against the pure-jnp references (interpret)",
                 "MLA attention, causal", "MLA absorbed decode", "Grouped matmul",
+                "DeepSeek Sparse Attention", "Lightning indexer",
                 "Sweep: MLA attention blocks", "Sweep: MLA decode blocks", "Sweep: gmm / tgmm"):
     assert f"### {title}" in report, (title, report[-2000:])
   assert "failed" not in report, report[-3000:]
   for kernel in ("attention (fwd+bwd)", "decode", "gmm (2 gmm + 1 tgmm"):
     assert f"Fastest {kernel}" in report, kernel
+
+
+def test_kernel_bench_smoke_times_sparse_attention_and_the_indexer_against_dense():
+  """The DSA tables alone (--skip the others), interpreted at toy shapes: every model's row,
+  the dense comparisons measured (they fit), a verdict per row."""
+  out = run_benchmark("kernel_bench.py", "--smoke", "--skip=correctness,decode,gmm,attention")
+  assert "failed" not in out, out[-3000:]
+  sparse = table_rows(out, "DeepSeek Sparse Attention")
+  assert [row[0].split(" ")[0] for row in sparse] == ["V3.2", "V4-Flash"]
+  for row in sparse:
+    assert all(float(x) > 0 for x in row[2:10]), row
+    assert row[10] in {f"fwd {a}, fwd+bwd {b}" for a in ("met", "unmet") for b in ("met", "unmet")}
+  indexer = table_rows(out, "Lightning indexer")
+  assert [row[1] for row in indexer] == ["B=1 T=64 S=64", "B=1 T=64 S=16"]
+  for row in indexer:
+    assert all(float(x) > 0 for x in row[2:8]) and row[8] in ("met", "unmet"), row
+
+
+def test_sparse_scaling_smoke_prints_both_tables():
+  out = run_benchmark("sparse_scaling.py", "--smoke")
+  rows = table_rows(out, "Sparse (K=32) against dense causal attention")
+  assert [row[0] for row in rows] == ["128", "256"]
+  assert all(float(x) > 0 for row in rows for x in row[1:])
+  growth = table_rows(out, "Time growth per step of T")
+  assert len(growth) == 1 and all(float(x) > 0 for x in growth[0][1:])
+
+
+def test_sparse_indices_are_causal_with_the_window_first():
+  """Queries that see at most K keys take them all, latest first; later ones their window of
+  latest keys, then earlier visible ones."""
+  idx = kernel_bench.sparse_indices(jax.random.key(0), 2, 40, 8, window=3)
+  assert idx.shape == (2, 40, 8) and idx.dtype == jax.numpy.int32
+  assert idx[0, 2].tolist() == [2, 1, 0, -1, -1, -1, -1, -1]
+  assert idx[1, 7].tolist() == list(range(7, -1, -1))
+  assert (idx[:, 20, :3] == jax.numpy.array([20, 19, 18])).all()
+  pos = jax.numpy.arange(40)[None, :, None]
+  assert ((idx[:, 8:, 3:] >= 0) & (idx[:, 8:, 3:] <= pos[:, 8:] - 3)).all()
 
 
 def test_jax_mosaic_gpu_references_lower_for_cuda(monkeypatch):
@@ -182,10 +220,12 @@ def test_gpu_sweep_configs_are_distinct_triton_configs_with_the_default_first():
 
 
 def test_shape_flags_parse_and_refuse_malformed_shapes():
-  """--attention_shapes and friends: 'BxTxH,...' per kernel; a malformed one is refused by name
+  """--attention_shapes and friends: 'BxTxH,...' per kernel ('BxT' for the sparse attention and
+  indexer tables, whose model shapes are fixed); a malformed one is refused by name
   before any device time is spent."""
   assert kernel_bench._shapes("4x4096x128,1x16384x16", 3) == [(4, 4096, 128), (1, 16384, 16)]
   assert kernel_bench._shapes("", 4) == []
+  assert kernel_bench._shapes("1x8192,1x131072", 2) == [(1, 8192), (1, 131072)]  # sparse, indexer
   with pytest.raises(SystemExit, match="4 whole numbers joined by 'x', got '1x2x3'"):
     kernel_bench._shapes("1x2x3", 4)
   with pytest.raises(SystemExit, match="got '4xTx2'"):

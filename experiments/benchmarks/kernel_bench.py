@@ -7,7 +7,9 @@ Every ratio is measured in this run: the device's bf16 matmul rate and copy band
 then each kernel against its pure-jnp reference under jit (XLA). On a GPU also against cuDNN
 attention (jax.nn.dot_product_attention, where it accepts the shapes) and JAX's own Mosaic GPU
 kernels (jax.experimental.pallas.ops.gpu: the FA3 attention and the ragged dots), which show
-what a Mosaic GPU form of these kernels could reach. Prints markdown tables.
+what a Mosaic GPU form of these kernels could reach. DeepSeek Sparse Attention (V3.2, V4-Flash):
+the top-k attention against our dense attention over the same T, and the lightning indexer
+against XLA's dense scores + top_k. Prints markdown tables.
 Imports only jax and pallas_kernels (the GPU machine has no grain).
 """
 
@@ -17,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -29,8 +32,10 @@ import pallas_kernels as pk
 from pallas_kernels import reference as ref
 from pallas_kernels import tgmm
 from pallas_kernels.gmm import BlockSizes as GmmBlockSizes
+from pallas_kernels.lightning_indexer import BlockSizes as IndexerBlockSizes
 from pallas_kernels.mla_attention import BlockSizes as AttentionBlockSizes
 from pallas_kernels.mla_decode import BlockSizes as DecodeBlockSizes
+from pallas_kernels.sparse_mqa_attention import BlockSizes as SparseBlockSizes
 
 BF16 = jnp.bfloat16
 
@@ -98,7 +103,7 @@ def ceilings(n: int, copy_mib: int, iters: int, warm_seconds: float) -> tuple[fl
 
 def check_correctness(interpret: bool) -> list[list]:
   rows = []
-  k = iter(jax.random.split(jax.random.key(1), 32))
+  k = iter(jax.random.split(jax.random.key(1), 64))
   rnd = lambda shape, dtype=jnp.float32: jax.random.normal(next(k), shape, dtype)  # noqa: E731
   with jax.default_matmul_precision("highest"):
     for dtype, tol in ((jnp.float32, 2e-3), (BF16, 3e-2)):
@@ -128,6 +133,35 @@ def check_correctness(interpret: bool) -> list[list]:
       ct = rnd((m, n), dtype)
       errs = [max_rel_err(out, r_out)] + [max_rel_err(a, c) for a, c in zip(vjp(ct), r_vjp(ct))]
       rows.append(["gmm fwd/dlhs/drhs", dtype.__name__, max(errs), max(errs) < tol])
+
+      # Sparse attention: keys in pieces 64 | 16 (d_v 64 of 80), a window, empty slots, a sink.
+      b, t, h = 2, 96, 4
+      q, kv, sink = rnd((b, t, h, 80), dtype), rnd((b, t, 80), dtype), rnd((h,))
+      idx, ct = sparse_indices(next(k), b, t, 40, window=8), rnd((b, t, h, 64), dtype)
+      sparse = lambda f: lambda q, kv, sink: f(q, kv, idx, d_v=64, sm_scale=0.1, sink=sink)
+      out, vjp = jax.vjp(sparse(functools.partial(pk.sparse_mqa_attention,
+                                                  interpret=interpret)), q, kv, sink)
+      r_out, r_vjp = jax.vjp(sparse(ref.sparse_mqa_attention), q, kv, sink)
+      errs = [max_rel_err(out, r_out)] + [max_rel_err(a, c) for a, c in zip(vjp(ct), r_vjp(ct))]
+      rows.append(["sparse_mqa_attention fwd/dq/dkv/dsink", dtype.__name__, max(errs),
+                   max(errs) < tol])
+
+      # Indexer: causal, top_k past the first queries' visible keys (-1 / -inf there).
+      q, kk, w = rnd((b, t, 4, 32), dtype), rnd((b, t, 32), dtype), rnd((b, t, 4), dtype)
+      pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+      indexer = lambda f: lambda q, kk, w: f(q, kk, w, top_k=24, q_positions=pos,
+                                             k_positions=pos)[::-1]   # indices as aux
+      (scores, vjp, got), (r_scores, r_vjp, want) = (
+          jax.vjp(indexer(f), q, kk, w, has_aux=True)
+          for f in (functools.partial(pk.lightning_indexer, interpret=interpret),
+                    ref.lightning_indexer))
+      ct = jnp.where(want >= 0, rnd((b, t, 24)), 0.0)
+      finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+      errs = [max_rel_err(finite(scores), finite(r_scores))]
+      errs += [max_rel_err(a, c) for a, c in zip(vjp(ct), r_vjp(ct))]
+      same = bool(jnp.all(got == want))
+      rows.append(["lightning_indexer indices/scores/dq/dk/dw", dtype.__name__, max(errs),
+                   same and max(errs) < tol])
 
     logits = rnd((4096, 256))
     bias = 0.1 * rnd((256,))
@@ -161,12 +195,14 @@ def _attention_operands(b, t, h):
   return (q, kk, v), ct, (pairs * (_DQK + _DV), pairs * (4 * _DQK + 3 * _DV))
 
 
-def _train_step(attn):
-  """jit of (q, k, v, ct) -> (dq, dk, dv) of sum(attn * ct): the forward and the backward.
-  ct is an argument: closed over, it became a constant that XLA spent minutes folding."""
-  def loss(q, k, v, ct):
-    return jnp.sum(attn(q, k, v).astype(jnp.float32) * ct)
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+def train_step(attn, argnums=(0, 1, 2)):
+  """jit of (*inputs, ct) -> the gradients in `argnums` (default dq, dk, dv) of
+  sum(attn(*inputs) * ct): the forward and the backward. ct is an argument: closed over, it
+  became a constant that XLA spent minutes folding."""
+  def loss(*args):
+    *inputs, ct = args
+    return jnp.sum(attn(*inputs).astype(jnp.float32) * ct)
+  return jax.jit(jax.grad(loss, argnums=argnums))
 
 
 def _pad_v(v):
@@ -229,7 +265,7 @@ def bench_attention(shapes, peak: float, iters: int, interpret: bool) -> None:
     for name, (attn, has_backward) in candidates.items():   # pallas first: the speed-ups
       what = f"{name} at B={b} T={t} H={h}"
       fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
-      step = (_rate(flops_step, _train_step(attn), (*args, ct), iters, what + " fwd+bwd")
+      step = (_rate(flops_step, train_step(attn), (*args, ct), iters, what + " fwd+bwd")
               if has_backward else None)
       pallas = pallas or (fwd, step)
       cells = _rate_cells(fwd, pallas[0], peak)
@@ -368,6 +404,209 @@ def bench_gmm(shapes, iters: int, interpret: bool) -> None:
                               "block_m-aligned tiles (TPU form)"], work)
 
 
+# --- DeepSeek Sparse Attention: top-k attention and the lightning indexer ----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseModel:
+  """A model's DSA shapes. Attention: H heads over one shared KV of width D (values: its first
+  d_v), K slots per query (the `window` latest keys, then ones the indexer picked), a sink or
+  not. Indexer: Hi heads of width Di, the top_k of S = T / compress key entries."""
+  name: str
+  h: int
+  d: int
+  d_v: int
+  k: int
+  window: int
+  sink: bool
+  hi: int
+  di: int
+  top_k: int
+  compress: int
+
+  @property
+  def attention(self) -> str:
+    return (f"{self.name} (H={self.h} D={self.d} d_v={self.d_v} K={self.k}"
+            + (f", window {self.window}, sink)" if self.sink else ")"))
+
+  @property
+  def indexer(self) -> str:
+    return f"{self.name} (Hi={self.hi} Di={self.di} top_k={self.top_k} S=T/{self.compress})"
+
+
+SPARSE_MODELS = (SparseModel("V3.2", 128, 576, 512, 2048, 0, False, 64, 128, 2048, 1),
+                 SparseModel("V4-Flash", 64, 512, 512, 640, 128, True, 64, 128, 512, 4))
+SMOKE_SPARSE_MODELS = (SparseModel("V3.2", 4, 80, 64, 32, 0, False, 4, 32, 16, 1),
+                       SparseModel("V4-Flash", 4, 64, 64, 24, 8, True, 4, 32, 8, 4))
+
+
+def sparse_indices(key, b: int, t: int, k: int, window: int = 0) -> jax.Array:
+  """[B,T,K] int32 slots of causal top-k attention over T keys: a query that sees at most K
+  keys takes them all (-1 past them); a later one its `window` latest keys, then random
+  earlier ones (repeats possible: for timing and checks, not a real selection)."""
+  pos, slot = jnp.arange(t)[:, None], jnp.arange(k)[None, :]
+  earlier = jax.random.randint(key, (b, t, k), 0, 2**30) % jnp.maximum(pos - window + 1, 1)
+  latest = (slot < window) | (pos < k)
+  return jnp.where(latest, jnp.maximum(pos - slot, -1), earlier).astype(jnp.int32)
+
+
+def _fits(nbytes: float) -> bool:
+  """Whether nbytes take at most 80% of the device's memory (the host's on a CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  total = (stats["bytes_limit"] if stats else
+           os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  return nbytes <= 0.8 * total
+
+
+def _seconds(fn, args, iters, what):
+  """Median seconds of fn(*args), or None (reported) if it does not compile or run."""
+  rate = _rate(1.0, fn, args, iters, what)
+  return 1 / rate if rate is not None else None
+
+
+def _sparse_operands(b: int, t: int, m: SparseModel):
+  """(q, kv, indices, sink), the output cotangent, and the model FLOPs of (forward,
+  forward + backward) over K slots per query: forward 2 T H K (D + d_v); backward s
+  recomputed, dp = do v^T (d_v), dq = ds k (D), per slot ds^T q (D) and p^T do (d_v), so
+  2 T H K (4 D + 3 d_v) in all (2.5x the forward at 576 / 512)."""
+  keys = jax.random.split(jax.random.key(5), 4)
+  q = jax.random.normal(keys[0], (b, t, m.h, m.d), BF16)
+  kv = jax.random.normal(keys[1], (b, t, m.d), BF16)
+  ct = jax.random.normal(keys[2], (b, t, m.h, m.d_v), BF16)
+  sink = jnp.zeros((m.h,), jnp.float32) if m.sink else None
+  pairs = 2 * b * t * m.h * m.k
+  return ((q, kv, sparse_indices(keys[3], b, t, m.k, m.window), sink), ct,
+          (pairs * (m.d + m.d_v), pairs * (4 * m.d + 3 * m.d_v)))
+
+
+# Dense attention at D = 512 / 576: the GPU defaults (64 x 64) overflow shared memory; these
+# fit (ptxas, sm_90: forward and dq spill nothing, dk/dv 40 bytes).
+_WIDE_HEAD_ATTENTION = AttentionBlockSizes(block_q=32, block_k=32, block_q_bwd=32,
+                                           block_k_bwd=32, num_warps=8, num_stages=2)
+
+
+def _dense_seconds(m: SparseModel, q, kv, ct, interpret) -> list:
+  """Seconds of our dense causal attention (pk.mla_attention) over the same keys and head
+  dims, kv broadcast to every head, forward and forward + backward, one sample each (calls
+  of up to seconds); None where its operands and gradients (q, k, dq, dk of D; v, dv, out,
+  ct of d_v; bf16) would not fit."""
+  b, t = q.shape[:2]
+  if not _fits(b * t * m.h * 8 * (m.d + m.d_v)):
+    return [None, None]
+  k = jnp.broadcast_to(kv[:, :, None], q.shape)
+  v = jnp.broadcast_to(kv[:, :, None, :m.d_v], ct.shape)
+  attn = functools.partial(pk.mla_attention, interpret=interpret, block_sizes=(
+      _WIDE_HEAD_ATTENTION if jax.default_backend() == "gpu" else None))
+  what = f"dense {m.name} at B={b} T={t}"
+  return [_seconds(jax.jit(attn), (q, k, v), 1, what + " fwd"),
+          _seconds(train_step(attn), (q, k, v, ct), 1, what + " fwd+bwd")]
+
+
+def bench_sparse_attention(models, shapes, peak: float, iters: int, interpret: bool) -> None:
+  """sparse_mqa_attention forward and forward + backward at each B x T (S = T) of each model,
+  against dense causal attention over the same T. Skipped where they would not fit: the
+  forward's q, output, cotangent and their pieces (about B T H (4 D + 6 d_v) bytes), the
+  backward's dq and pieces as well (B T H (8 D + 6 d_v)) and one pass of per-slot rows
+  (bwd_chunk H / block_h K D float32)."""
+  blocks = SparseBlockSizes.get_default("interpret" if interpret else None)
+  rows = []
+  for m in models:
+    for b, t in shapes:
+      args, ct, (flops_fwd, flops_step) = _sparse_operands(b, t, m)
+      attn = lambda q, kv, idx, sink, m=m: pk.sparse_mqa_attention(
+          q, kv, idx, d_v=m.d_v, sm_scale=m.d**-0.5, sink=sink, interpret=interpret)
+      what = f"sparse {m.name} at B={b} T={t}"
+      fwd = (_rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
+             if _fits(b * t * m.h * (4 * m.d + 6 * m.d_v)) else None)
+      h_pad, block_h = blocks.head_tiling(m.h)
+      step_bytes = (b * t * m.h * (8 * m.d + 6 * m.d_v)
+                    + min(blocks.bwd_chunk, t) * h_pad // block_h * m.k * m.d * 4)
+      step = (_rate(flops_step, train_step(attn, argnums=(0, 1, 3) if m.sink else (0, 1)),
+                    (*args, ct), iters, what + " fwd+bwd") if _fits(step_bytes) else None)
+      dense = _dense_seconds(m, args[0], args[1], ct, interpret)
+      cells = []
+      for rate, work, dense_seconds in ((fwd, flops_fwd, dense[0]), (step, flops_step, dense[1])):
+        if rate is None:
+          cells += ["-", "-", "-", "-"]
+        else:
+          cells += [work / rate * 1e3, rate / 1e12, rate / peak,
+                    dense_seconds * rate / work if dense_seconds else "-"]
+      verdict = ", ".join(
+          f"{name} " + ("not run" if rate is None else "met" if rate / peak >= target else "unmet")
+          for name, rate, target in (("fwd", fwd, 0.35), ("fwd+bwd", step, 0.25)))
+      rows.append([m.attention, f"B={b} T={t}"] + cells + [verdict])
+  table("DeepSeek Sparse Attention (sparse_mqa_attention), bf16, S = T, dense: pk.mla_attention "
+        "causal over the same T and head dims; targets: forward >= 35%, forward + backward >= "
+        "25% of the matmul peak",
+        ["model", "shape", "fwd ms", "fwd TFLOP/s", "fwd of matmul peak", "dense / sparse fwd",
+         "fwd+bwd ms", "fwd+bwd TFLOP/s", "fwd+bwd of matmul peak", "dense / sparse fwd+bwd",
+         "verdict"], rows)
+
+
+def _indexer_operands(b: int, t: int, m: SparseModel):
+  """(q, k, w, q_positions, k_positions): S = T / compress entries, entry j visible once its
+  last token, compress (j + 1) - 1, is."""
+  s = t // m.compress
+  keys = jax.random.split(jax.random.key(6), 3)
+  q = jax.random.normal(keys[0], (b, t, m.hi, m.di), BF16)
+  k = jax.random.normal(keys[1], (b, s, m.di), BF16)
+  w = jax.random.normal(keys[2], (b, t, m.hi), BF16)
+  q_pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  k_pos = jnp.broadcast_to(m.compress * jnp.arange(1, s + 1, dtype=jnp.int32) - 1, (b, s))
+  return q, k, w, q_pos, k_pos
+
+
+def dense_indexer_by_head(q, k, w, *, top_k, q_positions, k_positions):
+  """XLA's dense indexer holding [B,T,S] float32 scores, summed head by head (the reference
+  forms the [B,T,S,Hi] products first), then one top_k."""
+  def head(scores, x):
+    qh, wh = x
+    dots = jnp.einsum("btd,bsd->bts", qh, k, preferred_element_type=jnp.float32)
+    return scores + jax.nn.relu(dots) * wh[..., None].astype(jnp.float32), None
+
+  b, t, _, _ = q.shape
+  scores, _ = jax.lax.scan(head, jnp.zeros((b, t, k.shape[1]), jnp.float32),
+                           (q.transpose(2, 0, 1, 3), w.transpose(2, 0, 1)))
+  scores = jnp.where(k_positions[:, None, :] <= q_positions[:, :, None], scores, -jnp.inf)
+  top, indices = jax.lax.top_k(scores, top_k)
+  return jnp.where(top > -jnp.inf, indices, -1), top
+
+
+def bench_indexer(models, shapes, iters: int, interpret: bool) -> None:
+  """lightning_indexer (score tiles of `chunk` keys, a running top_k) against XLA's dense
+  forms at each B x T of each model; a form is skipped where its scores would not fit (the
+  reference's [B,T,S,Hi] products, the by-head form's [B,T,S] sum, product and top_k input)."""
+  chunk = IndexerBlockSizes.get_default("interpret" if interpret else None).chunk
+  rows = []
+  for m in models:
+    for b, t in shapes:
+      operands = _indexer_operands(b, t, m)
+      s = operands[1].shape[1]
+      dense_bytes, tile_bytes = b * t * s * 4, b * t * (min(chunk, s) + m.top_k) * 4
+      what = f"{m.name} indexer at B={b} T={t}"
+      seconds = []
+      for name, fn, nbytes in (("pallas", functools.partial(pk.lightning_indexer,
+                                                            interpret=interpret), tile_bytes),
+                               ("xla reference", ref.lightning_indexer, dense_bytes * m.hi),
+                               ("xla by head", dense_indexer_by_head, 3 * dense_bytes)):
+        fn = jax.jit(lambda q, k, w, qp, kp, fn=fn, m=m: fn(q, k, w, top_k=m.top_k,
+                                                              q_positions=qp, k_positions=kp))
+        seconds.append(_seconds(fn, operands, iters, f"{name} {what}") if _fits(nbytes)
+                       else None)
+      pallas, *dense = seconds
+      fastest_dense = min(filter(None, dense), default=None)
+      speedup = fastest_dense / pallas if pallas and fastest_dense else None
+      rows.append([m.indexer, f"B={b} T={t} S={s}"]
+                  + [x * 1e3 if x else "-" for x in seconds]
+                  + [speedup or "-", tile_bytes / 2**20, dense_bytes / 2**20,
+                     "-" if speedup is None else "met" if speedup >= 3 else "unmet"])
+  table(f"Lightning indexer, bf16: Pallas score tiles of {chunk} keys + running top_k against "
+        "XLA's dense scores + top_k; target: >= 3x the fastest dense at T=32k",
+        ["model", "shape", "pallas ms", "xla reference ([T,S,Hi] f32) ms",
+         "xla by head ([T,S] f32) ms", "dense / pallas", "pallas tiles T (chunk + top_k) 4 B MiB",
+         "dense T S 4 B MiB", "verdict"], rows)
+
+
 # --- block-size sweeps: one run gives the data to pick each kernel's GPU defaults ----------
 
 
@@ -397,7 +636,7 @@ def sweep_attention(shape, configs, peak: float, iters: int, interpret: bool) ->
     what = _fields(bs, ("block_q", "block_k", "block_q_bwd", "block_k_bwd", "num_warps",
                         "num_stages"))
     fwd = _rate(flops_fwd, jax.jit(attn), args, iters, what + " fwd")
-    step = _rate(flops_step, _train_step(attn), (*args, ct), iters, what + " fwd+bwd")
+    step = _rate(flops_step, train_step(attn), (*args, ct), iters, what + " fwd+bwd")
     rows.append([what] + [x / 1e12 if x is not None else "failed" for x in (fwd, step)]
                 + [step / peak if step is not None else "-"])
     seconds.append(flops_step / step if step is not None else None)
@@ -504,8 +743,10 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode on CPU")
   parser.add_argument("--skip", default="",
-                      help="comma list of: correctness,attention,decode,gmm")
-  for kernel, dims in (("attention", "BxTxH"), ("decode", "BxSxH"), ("gmm", "MxKxNxG")):
+                      help="comma list of: correctness,attention,decode,gmm,sparse,indexer")
+  for kernel, dims in (("attention", "BxTxH"), ("decode", "BxSxH"), ("gmm", "MxKxNxG"),
+                       ("sparse", "BxT (S = T) for V3.2 and V4-Flash"),
+                       ("indexer", "BxT for V3.2 and V4-Flash")):
     parser.add_argument(f"--{kernel}_shapes", default="",
                         help=f"comma list of {dims} to time instead of the built-in shapes")
   parser.add_argument("--sweep", action="store_true",
@@ -520,6 +761,7 @@ def main() -> int:
     iters, peak_n, copy_mib = 2, 256, 16
     attn_shapes, decode_shapes = [(1, 64, 2)], [(2, 160, 4)]
     gmm_shapes = [(96, 64, 64, 4)]
+    sparse_models, sparse_shapes, indexer_shapes = SMOKE_SPARSE_MODELS, [(1, 64)], [(1, 64)]
   else:
     iters, peak_n, copy_mib = 10, 8192, 2048
     attn_shapes = [(4, 4096, 16), (4, 4096, 128), (1, 16384, 16)]
@@ -529,9 +771,15 @@ def main() -> int:
     # (4096 tokens x top-6 of 64; see RESULTS.md, 2026-11-28).
     gmm_shapes = [(32768, 7168, 2048, 32), (32768, 2048, 7168, 32), (16384, 7168, 2048, 8),
                   (24576, 2048, 1408, 64)]
+    # 128k tokens (--sparse_shapes=1x131072, --indexer_shapes=1x131072) would not fit
+    # gpu_check's 5 minutes; dense attention is timed where it fits in memory.
+    sparse_models, sparse_shapes = SPARSE_MODELS, [(1, 8192), (1, 32768)]
+    indexer_shapes = sparse_shapes
   attn_shapes = _shapes(args.attention_shapes, 3) or attn_shapes
   decode_shapes = _shapes(args.decode_shapes, 3) or decode_shapes
   gmm_shapes = _shapes(args.gmm_shapes, 4) or gmm_shapes
+  sparse_shapes = _shapes(args.sparse_shapes, 2) or sparse_shapes
+  indexer_shapes = _shapes(args.indexer_shapes, 2) or indexer_shapes
   peak, bandwidth = ceilings(peak_n, copy_mib, iters, warm_seconds=0.0 if interpret else 2.0)
   ok = True
   if not args.only_sweep:
@@ -543,6 +791,11 @@ def main() -> int:
       bench_decode(decode_shapes, peak, bandwidth, iters, interpret)
     if "gmm" not in skip:
       bench_gmm(gmm_shapes, iters, interpret)
+    # Calls of 10 ms to seconds: three samples each.
+    if "sparse" not in skip:
+      bench_sparse_attention(sparse_models, sparse_shapes, peak, min(iters, 3), interpret)
+    if "indexer" not in skip:
+      bench_indexer(sparse_models, indexer_shapes, min(iters, 3), interpret)
     if "attention" not in skip:
       bench_attention(attn_shapes, peak, iters, interpret)
   if args.sweep or args.only_sweep:

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from pallas_kernels import platform
+from pallas_kernels.lightning_indexer import BlockSizes as IndexerBlockSizes
+from pallas_kernels.sparse_mqa_attention import BlockSizes as SparseBlockSizes
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import sweep_configs  # pylint: disable=wrong-import-position
@@ -153,17 +155,25 @@ def _loss(fn):
   return loss
 
 
-def kernel_cases(attention=None, decode=None, gmm=None, dtype=jnp.bfloat16):
+def kernel_cases(attention=None, decode=None, gmm=None, sparse=None, indexer=None,
+                 dtype=jnp.bfloat16):
   """[(label, fn, abstract args)]: every kernel, forward and backward, at gpu_check's shapes
   (attention 4 x 4096 tokens x 128 heads, decode B=64 over 4k entries x 128 heads, DeepSeek-V3
-  expert gmm, a 16k x 256 router). None block sizes: the platform's default."""
+  expert gmm, V3.2's sparse attention over 2048 of 4096 keys and its indexer over 16k keys,
+  two chunks; a 16k x 256 router, last). None block sizes: the platform's default."""
   b, t, h = 4, 4096, 128
   attention_fn = lambda q, k, v: pk.mla_attention(q, k, v, block_sizes=attention)
   decode_fn = lambda *a: pk.mla_decode(*a, sm_scale=0.07, block_sizes=decode)
   gmm_fn = lambda x, w, sizes: pk.gmm(x, w, sizes, block_sizes=gmm)
+  sparse_fn = lambda q, kv, idx: pk.sparse_mqa_attention(q, kv, idx, d_v=512, sm_scale=0.07,
+                                                         block_sizes=sparse)
+  indexer_fn = lambda q, k, w, pos: pk.lightning_indexer(q, k, w, top_k=2048, q_positions=pos,
+                                                         k_positions=pos,
+                                                         block_sizes=indexer)[1]
   route_fn = lambda logits, bias: pk.moe_route(logits, bias, top_k=8, n_group=8, topk_group=4,
                                                routed_scaling_factor=2.5)
   m, k, n, g = 32768, 7168, 2048, 32
+  ti = 16384
   return [
       ("mla_attention", jax.grad(_loss(attention_fn), argnums=(0, 1, 2)),
        (_S((b, t, h, 192), dtype), _S((b, t, h, 192), dtype), _S((b, t, h, 128), dtype))),
@@ -172,6 +182,11 @@ def kernel_cases(attention=None, decode=None, gmm=None, dtype=jnp.bfloat16):
         _S((64, 4096, 64), dtype), _S((64,), jnp.int32))),
       ("gmm", jax.grad(_loss(gmm_fn), argnums=(0, 1)),
        (_S((m, k), dtype), _S((g, k, n), dtype), _S((g,), jnp.int32))),
+      ("sparse_mqa_attention", jax.grad(_loss(sparse_fn), argnums=(0, 1)),
+       (_S((1, t, h, 576), dtype), _S((1, t, 576), dtype), _S((1, t, 2048), jnp.int32))),
+      ("lightning_indexer", jax.grad(_loss(indexer_fn), argnums=(0, 1, 2)),
+       (_S((1, ti, 64, 128), dtype), _S((1, ti, 128), dtype), _S((1, ti, 64), dtype),
+        _S((1, ti), jnp.int32))),
       ("moe_route", jax.grad(_loss(route_fn)), (_S((16384, 256), jnp.float32), None)),
   ]
 
@@ -200,6 +215,8 @@ def resource_cases(sweep: bool) -> list[tuple]:
   cases = []
   for dtype in (jnp.bfloat16, jnp.float32):
     defaults = [configs[0] for configs in sweep_configs("gpu", dtype)]
+    defaults += [SparseBlockSizes.get_default("gpu", dtype),
+                 IndexerBlockSizes.get_default("gpu", dtype)]
     for (label, fn, operands), bs in zip(kernel_cases(*defaults, dtype=dtype), [*defaults, None]):
       if label != "moe_route" or dtype == jnp.float32:     # the router takes float32 logits
         cases.append((f"{label} {jnp.dtype(dtype).name}", _config_text(bs), fn, operands))
