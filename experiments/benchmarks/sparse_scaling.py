@@ -9,10 +9,10 @@ Plain XLA, float32, no Pallas interpret mode: the sparse path is
 `pallas_kernels.reference.sparse_mqa_attention` (each query gathers its K rows of the one
 shared KV head), the dense one `pallas_kernels.xla_attention.mla_attention` (chunked causal
 attention with a hand-written backward) over the same heads and head dims, the KV broadcast to
-every head. The indexer's dense form (`reference.lightning_indexer`: [T, S, Hi] products, then
-top_k) is timed; its chunked Pallas form runs only interpreted on a CPU, so for it only the
-memory argument is printed: [T, S] float32 dense scores against T (chunk + top_k) float32 of
-score tiles and running top-k.
+every head. The indexer's dense form (`reference.lightning_indexer`: [T, S] float32 scores
+summed head by head, then top_k) is timed; its chunked Pallas form runs only interpreted on a
+CPU, so for it only the memory argument is printed: the [T, S] float32 dense scores against
+T (chunk + top_k) float32 of score tiles and running top-k.
 """
 
 from __future__ import annotations
