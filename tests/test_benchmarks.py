@@ -108,6 +108,7 @@ def test_gpu_check_smoke_runs_every_kernel_check_on_cpu(tmp_path):
     assert f"Fastest {kernel}" in report, kernel
 
 
+@pytest.mark.slow
 def test_kernel_bench_smoke_times_sparse_attention_and_the_indexer_against_dense():
   """The DSA tables alone (--skip the others), interpreted at toy shapes: every model's row,
   the dense comparisons measured (they fit), a verdict per row."""
@@ -124,6 +125,7 @@ def test_kernel_bench_smoke_times_sparse_attention_and_the_indexer_against_dense
     assert all(float(x) > 0 for x in row[2:7]) and row[7] in ("met", "unmet"), row
 
 
+@pytest.mark.slow
 def test_sparse_scaling_smoke_prints_both_tables():
   out = run_benchmark("sparse_scaling.py", "--smoke")
   rows = table_rows(out, "Sparse (K=32) against dense causal attention")

@@ -201,3 +201,42 @@ def test_warm_up_optimizer_moves_only_the_indexer():
     assert moved == ("indexer" in path), path
   with pytest.raises(ValueError, match="trainable must be one of"):
     OptimizerConfig(trainable="router")
+
+
+# -- The two stages end to end (experiments/train.py). -------------------------------------------
+
+V32_FLAGS = ["--config.model.model_type=deepseek_v32", "--config.model.index_topk=8",
+             "--config.model.index_head_dim=16", "--config.model.index_n_heads=16"]
+
+
+@pytest.mark.slow
+def test_warm_up_from_a_v3_run_then_the_sparse_stage(tmp_path):
+  """V3.2's recipe on train.py: a V3 run; the dense warm-up initialised from it
+  (--config.init_workdir) trains the new indexers alone, every other tensor and the router
+  biases left as the V3 run's; the sparse stage starts from the warm-up's run."""
+  from deepjax.train.restore import load_trained_model
+  from train_helpers import run_train_py
+  v3, warm, sparse = (str(tmp_path / name) for name in ("v3", "warm", "sparse"))
+  done = run_train_py(v3, "--config.steps=3", "--config.checkpoint_every=3")
+  assert done.returncode == 0, done.stdout + done.stderr
+  done = run_train_py(warm, *V32_FLAGS, "--config.model.dsa_attention=dense",
+                      "--config.trainable=indexer", f"--config.init_workdir={v3}",
+                      "--config.steps=3", "--config.checkpoint_every=3")
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert f"initialised from {v3} (step 3)" in done.stdout
+  assert "left at initialisation" in done.stdout and "indexer" in done.stdout
+  assert "indexer_kl" in done.stdout
+  before, _ = load_trained_model(v3)
+  after, _ = load_trained_model(warm)
+  old = dict(nnx.to_flat_state(nnx.state(before)))
+  moved = []
+  for path, value in nnx.to_flat_state(nnx.state(after)):
+    if "indexer" in path:
+      continue
+    if not np.array_equal(np.asarray(value[...]), np.asarray(old[path][...])):
+      moved.append(path)
+  assert not moved, moved
+  done = run_train_py(sparse, *V32_FLAGS, f"--config.init_workdir={warm}", "--config.steps=2")
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert f"initialised from {warm} (step 3)" in done.stdout
+  assert "left at initialisation" not in done.stdout

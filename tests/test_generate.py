@@ -114,7 +114,7 @@ def test_absorbed_form_equals_the_expanded_form(impl):
   @nnx.jit
   def cached(attn, x):
     cache = MLACache.zeros(cfg, 2, 8, jnp.float32)
-    _, cache = attn(x[:, :5], positions[:, :5], cache=cache, prefill=True)
+    _, cache, _ = attn(x[:, :5], positions[:, :5], cache=cache, prefill=True)
     return attn(x[:, 5:], positions[:, 5:], cache=cache)[0]        # the absorbed form
 
   expected = nnx.jit(lambda attn, x: attn(x, positions)[0])(attn, x)

@@ -26,6 +26,7 @@ from deepjax.train.balance import max_violation
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
 from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from deepjax.train.restore import initialise_from
 from deepjax.train.state import (abstract_train_state, init_train_state, restore_target,
                                  state_shardings)
 from deepjax.train.step import BATCH_KEYS, ObjectiveConfig, make_eval_step, make_train_step
@@ -42,6 +43,7 @@ class TrainConfig:
   eval_steps: int = 4
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
+  init_workdir: str = ""         # a fresh run starts from that run's weights (restore.py)
   mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "expert": 1,
                                                            "tensor": 1})
   optimizer: OptimizerConfig = OptimizerConfig()
@@ -170,6 +172,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
     log(f"resumed from {checkpoints.directory}/{latest}")
   else:
     graphdef, state, shardings = init_train_state(model_cfg, tx, mesh, cfg.seed)
+    if cfg.init_workdir:
+      state, report = initialise_from(state, shardings, cfg.init_workdir)
+      log(report)
 
   lead = jax.process_index() == 0      # one process writes config, metrics and the console
   if not lead:
@@ -182,7 +187,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
       json.dump(resolved_config, f, indent=2, default=str)
     os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
 
-  train_step = make_train_step(graphdef, tx, schedule, cfg.objective, shardings, mesh)
+  objective = cfg.objective
+  if opt_cfg.trainable != "all":   # a frozen model keeps its routing: no bias updates either
+    objective = dataclasses.replace(objective, bias_update_speed=0.0)
+  train_step = make_train_step(graphdef, tx, schedule, objective, shardings, mesh)
   eval_step = make_eval_step(graphdef, cfg.objective, shardings, mesh)
   sharding = batch_sharding(mesh)
   start = int(jax.device_get(state.step))
