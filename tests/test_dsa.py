@@ -240,3 +240,23 @@ def test_warm_up_from_a_v3_run_then_the_sparse_stage(tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr
   assert f"initialised from {warm} (step 3)" in done.stdout
   assert "left at initialisation" not in done.stdout
+
+
+def test_recall_is_the_attention_mass_on_the_indexers_top_k():
+  """indexer_stats' recall against a loop; 1 when index_topk covers every key."""
+  from deepjax.model.indexer import indexer_stats
+  rng = np.random.default_rng(10)
+  main = rng.normal(size=(1, 4, 2, 6)).astype(np.float32)
+  scores = rng.normal(size=(1, 4, 6)).astype(np.float32)
+  valid = np.tril(np.ones((4, 6), bool), k=2)[None]                 # query t sees t + 3 keys
+  stats = indexer_stats(jnp.asarray(main), jnp.asarray(scores), jnp.asarray(valid), top_k=2)
+  expected = []
+  for t in range(4):
+    keys = np.flatnonzero(valid[0, t])
+    attn = np.exp(main[0, t][:, keys]) / np.exp(main[0, t][:, keys]).sum(-1, keepdims=True)
+    p = attn.mean(0)
+    best = np.argsort(-scores[0, t, keys], kind="stable")[:2]
+    expected.append(p[best].sum())
+  np.testing.assert_allclose(float(stats.recall), np.mean(expected), rtol=1e-5)
+  every = indexer_stats(jnp.asarray(main), jnp.asarray(scores), jnp.asarray(valid), top_k=6)
+  np.testing.assert_allclose(float(every.recall), 1.0, rtol=1e-6)

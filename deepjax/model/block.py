@@ -13,14 +13,15 @@ from flax import nnx
 
 from deepjax.config import ModelConfig
 from deepjax.model.dsa import DeepSeekSparseAttention
+from deepjax.model.indexer import IndexerStats
 from deepjax.model.mla import MultiHeadLatentAttention
 from deepjax.model.mlp import MLP
 from deepjax.model.moe import MoE, RouterStats
 from deepjax.model.norm import RMSNorm
 
 # attention kind -> module; each takes (x, positions, segment_ids, cache, prefill=) and returns
-# (output, updated cache, auxiliary training loss or None), and names its per-layer cache as
-# `cache_type`.
+# (output, updated cache, auxiliary training statistics or None), and names its per-layer
+# cache as `cache_type`.
 ATTENTION_MODULES = {"mla": MultiHeadLatentAttention, "dsa": DeepSeekSparseAttention}
 MLP_MODULES = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=rngs),
         "moe": lambda cfg, rngs: MoE(cfg, rngs=rngs)}
@@ -29,9 +30,9 @@ MLP_MODULES = {"dense": lambda cfg, rngs: MLP(cfg, cfg.intermediate_size, rngs=r
 @flax.struct.dataclass
 class LayerStats:
   """What a layer reports beside its output: the MoE's routing statistics (None for a dense
-  MLP) and the attention's auxiliary loss (V3.2's indexer KL in training; else None)."""
+  MLP) and the attention's auxiliary statistics (V3.2's indexer in training; else None)."""
   router: RouterStats | None
-  indexer_kl: jax.Array | None
+  indexer: IndexerStats | None
 
 
 def layer_cache(cfg: ModelConfig, layer: int, batch: int, max_len: int, dtype):
@@ -53,8 +54,8 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, positions, segment_ids=None, cache=None, *,
                prefill: bool = False) -> tuple[jax.Array, LayerStats, object]:
     """-> (x, the layer's LayerStats, the attention's updated cache)."""
-    y, cache, indexer_kl = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache,
-                                          prefill=prefill)
+    y, cache, indexer = self.self_attn(self.input_layernorm(x), positions, segment_ids, cache,
+                                       prefill=prefill)
     x = x + y
     if self.is_moe:
       token_mask = None if segment_ids is None else segment_ids != 0
@@ -62,4 +63,4 @@ class DecoderLayer(nnx.Module):
                           decoding=cache is not None and not prefill)
     else:
       y, stats = self.mlp(self.post_attention_layernorm(x)), None
-    return x + y, LayerStats(router=stats, indexer_kl=indexer_kl), cache
+    return x + y, LayerStats(router=stats, indexer=indexer), cache

@@ -28,7 +28,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from deepjax.config import ModelConfig
-from deepjax.model.indexer import LightningIndexer, indexer_kl
+from deepjax.model.indexer import IndexerStats, LightningIndexer, indexer_stats
 from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
 
 
@@ -65,9 +65,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     self.indexer = LightningIndexer(cfg, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids=None, cache: DSACache | None = None, *,
-               prefill: bool = False) -> tuple[jax.Array, DSACache | None, jax.Array | None]:
+               prefill: bool = False) -> tuple[jax.Array, DSACache | None, IndexerStats | None]:
     """x [B, T, hidden] at positions [B, T] -> (u [B, T, hidden], the updated cache, the
-    indexer's KL loss in training, else None); the arguments mean what they mean for
+    indexer's IndexerStats in training, else None); the arguments mean what they mean for
     `MultiHeadLatentAttention`."""
     b, t, _ = x.shape
     c_q = self.query_latent(x)
@@ -111,9 +111,9 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
 
   def indexer_loss(self, q, latent, rope, h, c_q, positions, index_keys, segment_ids,
                    selection):
-    """V3.2 eq. 3 (selection None: every visible key, the dense warm-up) or eq. 4 (the
-    selected keys and their differentiable indexer scores), against this layer's main
-    attention logits in the absorbed form."""
+    """IndexerStats by V3.2 eq. 3 (selection None: every visible key, the dense warm-up, with
+    the recall of the indexer's top-k) or eq. 4 (the selected keys and their differentiable
+    indexer scores), against this layer's main attention logits in the absorbed form."""
     kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
     token_mask = None if segment_ids is None else segment_ids != 0
     if selection is None:
@@ -128,4 +128,5 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
       valid = indices >= 0
       rows = jax.vmap(lambda x, i: x[i])(kv, jnp.where(valid, indices, 0))   # [B,T,K,D]
       main = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32)
-    return indexer_kl(main * self.cfg.softmax_scale, scores, valid, token_mask)
+    return indexer_stats(main * self.cfg.softmax_scale, scores, valid, token_mask,
+                         self.cfg.index_topk if selection is None else None)

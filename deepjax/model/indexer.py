@@ -12,6 +12,7 @@ contract). Scores are float32, as in transformers' DeepseekV32Indexer (DeepSeek'
 scores in FP8 after a Hadamard rotation, which changes near-ties only).
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +26,30 @@ from deepjax.model.rope import apply_rope
 K_NORM_EPS = 1e-6   # transformers' nn.LayerNorm(index_head_dim, eps=1e-6)
 
 
+@flax.struct.dataclass
+class IndexerStats:
+  """One DSA layer's indexer in training: its loss L_I and, over every visible key (the dense
+  mode), its recall: the share of the main attention's mass p_t on its top index_topk keys."""
+  kl: jax.Array
+  recall: jax.Array | None
+
+
+def indexer_stats(main_scores, index_scores, valid, token_mask=None, top_k=None):
+  """IndexerStats from the main attention's scaled logits main_scores [B,T,H,N] and the
+  indexer's index_scores [B,T,N] over each query's keys (valid [B,T,N]); recall when top_k is
+  given (the key set is every visible key). Means over query tokens (token_mask: False on
+  padding)."""
+  kl, target, rows = _kl(main_scores, index_scores, valid, token_mask)
+  mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
+  recall = None
+  if top_k is not None:
+    picked, where = jax.lax.top_k(jnp.where(valid, index_scores, -jnp.inf),
+                                  min(top_k, index_scores.shape[-1]))
+    mass = jnp.take_along_axis(target, where, axis=-1)
+    recall = mean(jnp.sum(jnp.where(picked > -jnp.inf, mass, 0.0), axis=-1))
+  return IndexerStats(kl=mean(kl), recall=recall)
+
+
 def indexer_kl(main_scores, index_scores, valid, token_mask=None):
   """The indexer's training loss (V3.2 eqs. 3-4), mean over query tokens:
 
@@ -35,6 +60,11 @@ def indexer_kl(main_scores, index_scores, valid, token_mask=None):
   logits; a target, so no gradient flows back), index_scores [B,T,N], valid [B,T,N] bool,
   token_mask [B,T] (False: padding, left out) -> float32 scalar.
   """
+  return indexer_stats(main_scores, index_scores, valid, token_mask).kl
+
+
+def _kl(main_scores, index_scores, valid, token_mask):
+  """(KL per query [B,T], the target p [B,T,N], the queries that count [B,T])."""
   main = jnp.where(valid[:, :, None], main_scores.astype(jnp.float32), -jnp.inf)
   target = jax.lax.stop_gradient(jnp.mean(jax.nn.softmax(main, axis=-1), axis=2))  # [B,T,N]
   log_q = jax.nn.log_softmax(jnp.where(valid, index_scores, -jnp.inf), axis=-1)
@@ -42,8 +72,7 @@ def indexer_kl(main_scores, index_scores, valid, token_mask=None):
   rows = jnp.any(valid, axis=-1)
   if token_mask is not None:
     rows &= token_mask
-  kl = jnp.where(rows, jnp.sum(terms, axis=-1), 0.0)
-  return jnp.sum(kl) / jnp.maximum(jnp.sum(rows), 1)
+  return jnp.sum(terms, axis=-1), target, rows
 
 
 def indexer_fn(impl: str):

@@ -27,8 +27,9 @@ class ModelOutput:
   mtp_logits: jax.Array | None      # [D, B, T, vocab] float32, depth k predicts t_{i+k+1}
   router: RouterStats | None        # [L_moe, B, E]: main MoE layers, then each MTP block's
   hidden: jax.Array                 # [B, T, H] final-normed hidden states
-  indexer_kl: jax.Array | None = None   # V3.2: the indexer's KL loss (eqs. 3-4), mean over
-                                        # the DSA layers, main and MTP
+  indexer_kl: jax.Array | None = None      # V3.2: the indexer's KL loss (eqs. 3-4) and, in
+  indexer_recall: jax.Array | None = None  # the dense mode, its recall; means over the DSA
+                                           # layers, main and MTP
 
 
 class DeepSeek(nnx.Module):
@@ -115,10 +116,12 @@ class DeepSeek(nnx.Module):
 
     routers = [s.router for s in stats if s.router is not None]
     router = jax.tree.map(lambda *layers: jnp.stack(layers), *routers) if routers else None
-    kls = [s.indexer_kl for s in stats if s.indexer_kl is not None]
+    indexers = [s.indexer for s in stats if s.indexer is not None]
+    mean = lambda xs: jnp.mean(jnp.stack(xs)) if xs and xs[0] is not None else None  # noqa: E731
     return ModelOutput(logits=logits, mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
                        router=router, hidden=normed,
-                       indexer_kl=jnp.mean(jnp.stack(kls)) if kls else None)
+                       indexer_kl=mean([i.kl for i in indexers]),
+                       indexer_recall=mean([i.recall for i in indexers]))
 
 
 def check_tokens(tokens, vocab_size: int) -> None:

@@ -87,6 +87,8 @@ class Progress:
       parts.append(f"maxvio {record['max_vio']:.2f}")
     if "indexer_kl" in record:                          # V3.2's indexer
       parts.append(f"indexer_kl {record['indexer_kl']:.4f}")
+    if "indexer_recall" in record:                      # the warm-up's dense mode
+      parts.append(f"recall {record['indexer_recall']:.3f}")
     if record.get("dropped_fraction"):                  # expert parallelism with a capacity
       parts.append(f"dropped {100 * record['dropped_fraction']:.1f}%")
     parts += [f"{record['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * record['mfu']:.1f}%",

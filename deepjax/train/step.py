@@ -59,9 +59,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
     def loss_fn(params):
       model, out = _forward(graphdef, params, state.biases, batch, mesh)
       losses = _losses(model, out, batch, objective)
-      return losses.total, (losses, out.router)
+      return losses.total, (losses, out.router, out.indexer_recall)
 
-    (_, (losses, router)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (losses, router, recall)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     biases = state.biases
@@ -70,6 +71,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, object
                    grad_norm=optax.tree_utils.tree_norm(grads), tokens=losses.tokens)
     if losses.indexer_kl is not None:
       metrics["indexer_kl"] = losses.indexer_kl
+    if recall is not None:
+      metrics["indexer_recall"] = recall
     if router is not None:
       loads = expert_loads(router.counts)
       violation = max_violation(loads)
