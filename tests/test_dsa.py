@@ -56,7 +56,7 @@ def test_dense_mode_attends_to_every_key(tokens, reference):
   assert relative_error(dense_logits, hf_logits(everything, tokens)) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_packed_sequences_equal_separate_ones(impl):
   """Two sequences packed in one row (segment ids, positions restarting) give each sequence's
   own logits: the indexer selects only within a segment."""
@@ -91,7 +91,7 @@ def test_indexer_rope_is_half_split_on_the_first_dims():
   np.testing.assert_allclose(pair(rotated), pair(plain), rtol=1e-5)    # rotate_half pairs
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
 def test_greedy_generate_matches_transformers(impl, reference):
   """Decoding from the cache (the indexer scoring the new query against every cached indexer
   key, sparse attention over the selected latent entries) gives transformers' greedy tokens."""

@@ -55,9 +55,18 @@ def numpy_top_k(q, k, w, top_k, q_pos, k_pos):
   return np.where(np.isfinite(top), order, -1), top
 
 
-@pytest.mark.parametrize("top_k", [1, 10, 20, 50], ids=lambda k: f"top{k}")
-@pytest.mark.parametrize("blocks", [CHUNKED, ONE_CHUNK], ids=["chunked", "one_chunk"])
-@pytest.mark.parametrize("visibility", [_causal, _compressed], ids=["causal", "compressed"])
+# top_k below a chunk (10), across chunks (20), above the key count (50), and 1; the full grid
+# of top_k x tiling x visibility runs in the slow set.
+_GRID = [(k, b, v) for v in (_causal, _compressed) for b in (CHUNKED, ONE_CHUNK)
+         for k in (1, 10, 20, 50)]
+_DEFAULT = {(10, CHUNKED, _causal), (50, CHUNKED, _causal), (20, CHUNKED, _compressed),
+            (1, ONE_CHUNK, _compressed), (20, ONE_CHUNK, _causal)}
+
+
+@pytest.mark.parametrize("top_k, blocks, visibility", [
+    pytest.param(*case, marks=() if case in _DEFAULT else pytest.mark.slow,
+                 id=f"{case[2].__name__[1:]}-{'chunked' if case[1] is CHUNKED else 'one_chunk'}"
+                    f"-top{case[0]}") for case in _GRID])
 def test_selection_matches_numpy_top_k_with_zero_ties(top_k, blocks, visibility):
   q, k, w = _problem(top_k)
   q_pos, k_pos = visibility()

@@ -91,8 +91,10 @@ def _check(dtype, with_sink, blocks, k=7, seed=0):
   return results
 
 
-@pytest.mark.parametrize("with_sink", [False, True], ids=["no_sink", "sink"])
-@pytest.mark.parametrize("blocks", [PORTABLE, HEAD_BLOCKS], ids=["portable", "head_blocks"])
+@pytest.mark.parametrize("with_sink, blocks", [
+    (False, PORTABLE), (True, PORTABLE), (True, HEAD_BLOCKS),
+    pytest.param(False, HEAD_BLOCKS, marks=pytest.mark.slow)],
+    ids=["portable-no_sink", "portable-sink", "head_blocks-sink", "head_blocks-no_sink"])
 def test_matches_reference_and_dense_mask(with_sink, blocks):
   _check(jnp.float32, with_sink, blocks)
 
