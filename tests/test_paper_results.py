@@ -64,9 +64,12 @@ def test_kv_cache(outputs):
                            "mqa": 2 * 128 * 60, "mla": 576 * 60}
   assert v2["mla_over_d_h_l"] == 4.5 and v2["mla_equivalent_gqa_groups"] == 2.25
   assert models["V2-Lite"]["measured_elements"] == 576 * 27
+  v32 = models["V3.2"]
+  assert v32["attention"] == "dsa" and v32["formula"]["mla"] == 35_136
+  assert v32["formula"]["own"] == v32["measured_elements"] == 704 * 61 == 42_944
   tiny = models["tiny"]
   assert tiny["method"] == "prefill, real arrays" and tiny["measured_elements"] == 48 * 4
-  assert "35,136" in table and "70,272" in table
+  assert "35,136" in table and "70,272" in table and "42,944" in table
 
 
 def test_aux_loss_free(outputs):

@@ -3,10 +3,12 @@
   python experiments/paper_results/kv_cache.py [--scale=smoke|full] [--out_dir=DIR]
 
 Formula (deepjax.accounting, V2 Table 1), over l layers: MHA 2 n_h d_h l, GQA 2 n_g d_h l,
-MQA 2 d_h l, MLA (d_c + d_h^R) l. MLA is also measured: a deepjax model runs a prefill
+MQA 2 d_h l, MLA (d_c + d_h^R) l; V3.2's DSA layers add the indexer key, (d_c + d_h^R + D_I) l.
+Each model's own cache is also measured: a deepjax model runs a prefill
 (deepjax.inference.decode.forward) into a bfloat16 LatentCache, and the elements and bytes of the
 cache arrays it returns are counted per cached position. The tiny and small presets run for real
-on the host; V2-Lite, V2 and V3 are traced with jax.eval_shape (same code, nothing allocated).
+on the host; V2-Lite, V2, V3 and V3.2 are traced with jax.eval_shape (same code, nothing
+allocated).
 Both scales give the same table; --scale=test runs only tiny for real and creates the other
 caches abstractly (LatentCache.create) instead of tracing a prefill.
 """
@@ -33,7 +35,8 @@ V2 = dj.ModelConfig.preset(
     num_hidden_layers=60, num_attention_heads=128, q_lora_rank=1536, n_routed_experts=160,
     n_group=8, topk_group=3, topk_method="group_limited_greedy", routed_scaling_factor=16.0)
 MODELS = {"tiny": dj.ModelConfig.preset("tiny"), "small": dj.ModelConfig.preset("small"),
-          "V2-Lite": dj.ModelConfig.preset("v2-lite"), "V2": V2, "V3": dj.ModelConfig.preset("v3")}
+          "V2-Lite": dj.ModelConfig.preset("v2-lite"), "V2": V2, "V3": dj.ModelConfig.preset("v3"),
+          "V3.2": dj.ModelConfig.preset("v3.2")}
 REAL = {"test": ("tiny",), "smoke": ("tiny", "small"), "full": ("tiny", "small")}
 
 
@@ -70,7 +73,9 @@ def measure(name: str) -> dict:
   groups = min(GQA_GROUPS, cfg.num_attention_heads)
   formula = {kind: accounting.kv_cache_elements_per_token(cfg, kind, groups)
              for kind in ("mha", "gqa", "mqa", "mla")}
+  formula["own"] = accounting.kv_cache_elements_per_token(cfg)     # mla, or V3.2's dsa
   return {"model": name, "method": method, "layers": cfg.num_hidden_layers,
+          "attention": cfg.attention_kind(0),
           "heads": cfg.num_attention_heads, "gqa_groups": groups, "d_h": cfg.v_head_dim,
           "d_c": cfg.kv_lora_rank, "d_rope": cfg.qk_rope_head_dim,
           "formula": formula, "bf16_bytes": {k: 2 * v for k, v in formula.items()},
@@ -88,25 +93,26 @@ def main(argv):
   rows = []
   for name in MODELS:
     rows.append(measure(name))
-    print(f"{name}: MLA {rows[-1]['formula']['mla']:,} (formula), "
+    print(f"{name}: {rows[-1]['attention']} {rows[-1]['formula']['own']:,} (formula), "
           f"{rows[-1]['measured_elements']:,} (measured) elements/token")
-    if rows[-1]["measured_elements"] != rows[-1]["formula"]["mla"]:
+    if rows[-1]["measured_elements"] != rows[-1]["formula"]["own"]:
       raise AssertionError(f"{name}: measured cache differs from the formula")
   table = common.markdown_table(
       ["model", "l", "n_h", "d_h", "d_c + d_h^R", "MHA", "GQA (n_g)", "MQA",
-       "MLA formula", "MLA measured", "MLA bytes/token (bf16)", "MHA bytes/token (bf16)",
-       "MLA / (d_h l)", "MLA as GQA groups", "measured by"],
+       "MLA formula", "attention", "its cache formula", "measured", "measured bytes/token (bf16)",
+       "MHA bytes/token (bf16)", "MLA / (d_h l)", "MLA as GQA groups", "measured by"],
       [[r["model"], r["layers"], r["heads"], r["d_h"], f"{r['d_c']} + {r['d_rope']}",
         r["formula"]["mha"], f"{r['formula']['gqa']:,} ({r['gqa_groups']})", r["formula"]["mqa"],
-        r["formula"]["mla"],
+        r["formula"]["mla"], r["attention"], r["formula"]["own"],
         r["measured_elements"], r["measured_bf16_bytes"], r["bf16_bytes"]["mha"],
         f"{r['mla_over_d_h_l']:.2f}", f"{r['mla_equivalent_gqa_groups']:.2f}", r["method"]]
        for r in rows])
   paper = {r["model"]: r for r in rows}
   body = f"""
 KV-cache elements per token, all layers (DeepSeek-V2 Table 1; d_h = v_head_dim; GQA with
-n_g = min(8, n_h) groups). MHA, GQA and MQA come from the formula; "MLA measured" counts the
-bfloat16 cache arrays a deepjax prefill writes, per cached position.
+n_g = min(8, n_h) groups). MHA, GQA and MQA come from the formula; "measured" counts the
+bfloat16 cache arrays a deepjax prefill writes, per cached position, for the model's own
+attention (MLA, or V3.2's DSA: MLA plus the indexer key).
 
 {table}
 
@@ -114,6 +120,8 @@ bfloat16 cache arrays a deepjax prefill writes, per cached position.
 |---|---|---|
 | V3 MLA elements per token | (512 + 64) × 61 = 35,136 | {paper['V3']['measured_elements']:,} |
 | V3 MLA bytes per token, bf16 | 70,272 | {paper['V3']['measured_bf16_bytes']:,} |
+| V3.2 DSA elements per token | (512 + 64 + 128) × 61 = 42,944 | {paper['V3.2']['measured_elements']:,} |
+| V3.2 over V3 | 1.22 | {paper['V3.2']['measured_elements'] / paper['V3']['measured_elements']:.2f} |
 | V2 MLA ≈ 4.5 d_h l (d_c = 4 d_h, d_h^R = d_h / 2) | 4.5 | {paper['V2']['mla_over_d_h_l']:.2f} |
 | V2 MLA as GQA with n_g groups | 2.25 | {paper['V2']['mla_equivalent_gqa_groups']:.2f} |
 | V2 MLA vs MHA of the same shape | – | {paper['V2']['formula']['mha'] / paper['V2']['formula']['mla']:.1f}× smaller |
