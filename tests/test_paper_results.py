@@ -61,7 +61,7 @@ def test_kv_cache(outputs):
   assert v3["formula"]["mla"] == v3["measured_elements"] == 35_136      # (512 + 64) x 61
   assert v3["measured_bf16_bytes"] == v3["bf16_bytes"]["mla"] == 70_272
   assert v2["formula"] == {"mha": 2 * 128 * 128 * 60, "gqa": 2 * 8 * 128 * 60,
-                           "mqa": 2 * 128 * 60, "mla": 576 * 60}
+                           "mqa": 2 * 128 * 60, "mla": 576 * 60, "own": 576 * 60}
   assert v2["mla_over_d_h_l"] == 4.5 and v2["mla_equivalent_gqa_groups"] == 2.25
   assert models["V2-Lite"]["measured_elements"] == 576 * 27
   v32 = models["V3.2"]
