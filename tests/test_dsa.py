@@ -56,7 +56,8 @@ def test_dense_mode_attends_to_every_key(tokens, reference):
   assert relative_error(dense_logits, hf_logits(everything, tokens)) < 1e-5
 
 
-@pytest.mark.parametrize("impl", [pytest.param("xla", marks=pytest.mark.slow), "pallas"])
+@pytest.mark.slow   # about a minute per path: three eager forwards
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_packed_sequences_equal_separate_ones(impl):
   """Two sequences packed in one row (segment ids, positions restarting) give each sequence's
   own logits: the indexer selects only within a segment."""
@@ -155,7 +156,7 @@ def _split_grads(model, loss):
   return biggest(True), biggest(False)
 
 
-@pytest.mark.parametrize("mode", ["sparse", "dense"])
+@pytest.mark.parametrize("mode", [pytest.param("sparse", marks=pytest.mark.slow), "dense"])
 def test_indexer_learns_only_from_its_loss_and_the_model_only_from_lm(mode):
   """The indexer's input is detached (V3.2 §2.1): L_I moves only indexer parameters, and the
   LM loss none of them."""

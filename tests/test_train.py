@@ -148,6 +148,7 @@ def test_sharded_step_matches_single_device(mesh_sizes):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow   # 95 s; the in-process sharded-step tests cover each axis by default
 def test_train_py_on_all_four_mesh_axes_matches_one_device(tmp_path):
   """data x fsdp x expert x tensor = 2 x 2 x 2 x 2 (16 simulated devices) through
   experiments/train.py, against the same run on one device."""
