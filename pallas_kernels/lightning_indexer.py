@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import checks, platform
+from pallas_kernels.tiling import QueryChunks, round_up
 
 _NEG_INF = float("-inf")
 _INVISIBLE = jnp.iinfo(jnp.int32).max   # position of a padding key: seen by no query
@@ -96,10 +97,6 @@ def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids
                                             k_segment_ids)))
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _score_kernel(q_ref, k_ref, w_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref, out_ref):
   """One [block_t, block_s] tile: sum over heads of w * relu(q k^T), -inf where not visible.
   Built transposed, keys x queries, so that a head's weights are a row [1, block_t] (a column
@@ -151,8 +148,8 @@ def _select(c: _Config, q, k, w, q_positions, k_positions, q_segments, k_segment
   b, t, _, _ = q.shape
   s = k.shape[1]
   bt, chunk = c.blocks.block_t, c.blocks.chunk
-  chunk = min(chunk, _round_up(s, c.blocks.block_s))
-  t_pad, s_pad = _round_up(t, bt), _round_up(s, chunk)
+  chunk = min(chunk, round_up(s, c.blocks.block_s))
+  t_pad, s_pad = round_up(t, bt), round_up(s, chunk)
   q_t = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
   w_t = jnp.pad(w, ((0, 0), (0, t_pad - t), (0, 0))).transpose(0, 2, 1)[:, :, None]
   q_pos, q_seg = (jnp.pad(x, ((0, 0), (0, t_pad - t)))[:, None]
@@ -204,12 +201,7 @@ def _indexer_bwd(c: _Config, res, cotangents):
   _, g = cotangents
   b, t, hi, di = q.shape
   s = k.shape[1]
-  chunk = min(c.blocks.bwd_chunk, t)
-  t_pad = _round_up(t, chunk)
-  n = t_pad // chunk
-  by_chunk = lambda x, v=0: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2),
-                                    constant_values=v).reshape(
-                                        (b, n, chunk) + x.shape[2:]).swapaxes(0, 1)
+  chunks = QueryChunks.of(t, c.blocks.bwd_chunk)
   batch = jnp.arange(b)[:, None, None]
   f32 = jnp.float32
 
@@ -226,10 +218,9 @@ def _indexer_bwd(c: _Config, res, cotangents):
     dk = dk.at[batch, jnp.where(valid, idx, s)].add(rows, mode="drop")
     return dk, (dq, dw)
 
-  xs = (by_chunk(q), by_chunk(w), by_chunk(indices, -1), by_chunk(g))
+  xs = (chunks.split(q), chunks.split(w), chunks.split(indices, -1), chunks.split(g))
   dk, (dq, dw) = lax.scan(step, jnp.zeros((b, s, di), f32), xs)
-  unchunk = lambda x: x.swapaxes(0, 1).reshape((b, t_pad) + x.shape[3:])[:, :t]
-  return (unchunk(dq).astype(q.dtype), dk.astype(k.dtype), unchunk(dw).astype(w.dtype),
+  return (chunks.join(dq).astype(q.dtype), dk.astype(k.dtype), chunks.join(dw).astype(w.dtype),
           None, None, None, None)
 
 

@@ -42,8 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import checks, platform
-
-_MIN_DIM = 16  # Triton's smallest dot dimension
+from pallas_kernels.tiling import MIN_DIM, pieces, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +82,8 @@ class BlockSizes:
 
   def fit(self, t: int, s: int) -> "BlockSizes":
     """Shrinks blocks that exceed a (power-of-two rounded) short sequence."""
-    fit_t = lambda b: min(b, max(_MIN_DIM, pl.next_power_of_2(t)))
-    fit_s = lambda b: min(b, max(_MIN_DIM, pl.next_power_of_2(s)))
+    fit_t = lambda b: min(b, max(MIN_DIM, pl.next_power_of_2(t)))
+    fit_s = lambda b: min(b, max(MIN_DIM, pl.next_power_of_2(s)))
     return dataclasses.replace(self, block_q=fit_t(self.block_q), block_k=fit_s(self.block_k),
                                block_q_bwd=fit_t(self.block_q_bwd),
                                block_k_bwd=fit_s(self.block_k_bwd))
@@ -123,12 +122,12 @@ def _attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, blocks):
   t, d_qk = q.shape[1], q.shape[3]
   s, d_v = k.shape[1], v.shape[-1]
   blocks = blocks.fit(t, s)
-  t_pad = _round_up(t, max(blocks.block_q, blocks.block_q_bwd))
-  s_pad = _round_up(s, max(blocks.block_k, blocks.block_k_bwd))
-  widths = _pieces(d_qk)
+  t_pad = round_up(t, max(blocks.block_q, blocks.block_q_bwd))
+  s_pad = round_up(s, max(blocks.block_k, blocks.block_k_bwd))
+  widths = pieces(d_qk)
   qs = _to_kernel_layout(q, t_pad, widths)
   ks = _to_kernel_layout(k, s_pad, widths)
-  (v,) = _to_kernel_layout(v, s_pad, (max(_MIN_DIM, pl.next_power_of_2(d_v)),))
+  (v,) = _to_kernel_layout(v, s_pad, (max(MIN_DIM, pl.next_power_of_2(d_v)),))
   q_seg = kv_seg = None
   if segment_ids is not None:
     seg = segment_ids.astype(jnp.int32)
@@ -137,16 +136,6 @@ def _attention(q, k, v, segment_ids, *, causal, sm_scale, interpret, blocks):
   c = _Config(t=t, s=s, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret)
   out = _flash(c, qs, ks, v, q_seg, kv_seg)
   return out[:, :, :t, :d_v].transpose(0, 2, 1, 3)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pieces(d: int) -> tuple[int, ...]:
-  """Power-of-two widths (each >= 16) covering d: the binary digits of d rounded up to 16."""
-  d = _round_up(d, _MIN_DIM)
-  return tuple(1 << i for i in reversed(range(d.bit_length())) if d >> i & 1)
 
 
 def _to_kernel_layout(x, length, widths):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import checks, platform
+from pallas_kernels import checks, platform, tiling
 from pallas_kernels.platform import pltriton
 
 _NEG_INF = float("-inf")
@@ -72,8 +72,7 @@ class BlockSizes:
 
   def head_tiling(self, heads: int) -> tuple[int, int]:
     """(padded head count, heads per program) for `heads` query heads."""
-    h_pad = max(pl.next_power_of_2(heads), self.min_heads)
-    return h_pad, min(h_pad, self.block_h or h_pad)
+    return tiling.head_tiling(heads, self.min_heads, self.block_h)
 
   @classmethod
   def get_default(cls, backend: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":

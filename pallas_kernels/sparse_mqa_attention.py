@@ -46,8 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import checks, platform
-
-_MIN_DIM = 16  # Triton's smallest dot dimension
+from pallas_kernels.tiling import QueryChunks, head_tiling, pieces, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +77,7 @@ class BlockSizes:
 
   def head_tiling(self, heads: int) -> tuple[int, int]:
     """(padded head count, heads per program) for `heads` query heads."""
-    h_pad = max(pl.next_power_of_2(heads), self.min_heads)
-    return h_pad, min(h_pad, self.block_h or h_pad)
+    return head_tiling(heads, self.min_heads, self.block_h)
 
   @classmethod
   def get_default(cls, backend: str | None = None, dtype=jnp.bfloat16) -> "BlockSizes":
@@ -113,7 +111,7 @@ class _Config:
 
   @property
   def k_pad(self):
-    return _round_up(self.k, self.blocks.block_k)
+    return round_up(self.k, self.blocks.block_k)
 
   @property
   def dma(self):
@@ -133,22 +131,11 @@ def sparse_mqa_attention(q, kv, indices, *, d_v, sm_scale, sink=None, interpret=
   blocks = block_sizes or BlockSizes.get_default(platform.target(interpret), q.dtype)
   h_pad, block_h = blocks.head_tiling(h)
   c = _Config(s=kv.shape[1], k=indices.shape[2], sm_scale=float(sm_scale),
-              value_widths=_pieces(d_v), rest_widths=_pieces(d - d_v) if d > d_v else (),
+              value_widths=pieces(d_v), rest_widths=pieces(d - d_v) if d > d_v else (),
               h_pad=h_pad, block_h=block_h, blocks=blocks,
               interpret=platform.resolve_interpret(interpret))
   sink_in = jnp.full((h,), -jnp.inf, jnp.float32) if sink is None else sink
-  out = _sparse(c, d_v, q, kv, indices, sink_in)
-  return out
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pieces(d: int) -> tuple[int, ...]:
-  """Power-of-two widths (each >= 16) covering d: the binary digits of d rounded up to 16."""
-  d = _round_up(d, _MIN_DIM)
-  return tuple(1 << i for i in reversed(range(d.bit_length())) if d >> i & 1)
+  return _sparse(c, d_v, q, kv, indices, sink_in)
 
 
 def _split(x, d_v, c: _Config):
@@ -459,14 +446,9 @@ def _sparse_bwd(c: _Config, d_v, res, d_out):
   dos = _split(_pad_heads(d_out.astype(q.dtype), c), d_v, c)[:len(c.value_widths)]
 
   # Rows in chunks of bwd_chunk (padded rows have no valid slot and add nothing).
-  chunk = min(c.blocks.bwd_chunk, t)
-  t_pad = _round_up(t, chunk)
-  n_chunks = t_pad // chunk
-  by_chunk = lambda x, v=0: jnp.pad(x, [(0, 0), (0, t_pad - t)] + [(0, 0)] * (x.ndim - 2),
-                                    constant_values=v).reshape(
-                                        (b, n_chunks, chunk) + x.shape[2:]).swapaxes(0, 1)
-  xs = (by_chunk(slots, -1), [by_chunk(x) for x in qs], [by_chunk(x) for x in dos],
-        by_chunk(lse, jnp.inf), by_chunk(delta))
+  chunks = QueryChunks.of(t, c.blocks.bwd_chunk)
+  xs = (chunks.split(slots, -1), [chunks.split(x) for x in qs],
+        [chunks.split(x) for x in dos], chunks.split(lse, jnp.inf), chunks.split(delta))
 
   def step(dkvs, x):
     slots_c, qs_c, dos_c, lse_c, delta_c = x
@@ -482,8 +464,7 @@ def _sparse_bwd(c: _Config, d_v, res, d_out):
 
   init = [jnp.zeros((b, c.s, w), jnp.float32) for w in c.widths]
   dkvs, (dqs, dsinks) = lax.scan(step, init, xs)
-  unchunk = lambda x: x.swapaxes(0, 1).reshape((b, t_pad) + x.shape[3:])[:, :t]
-  dq = _join([unchunk(x) for x in dqs], d_v, d, c)[:, :, :h]
+  dq = _join([chunks.join(x) for x in dqs], d_v, d, c)[:, :, :h]
   dkv = _join(dkvs, d_v, d, c)
   dsink = dsinks.sum(axis=0)[:h, 0]
   return dq.astype(q.dtype), dkv.astype(kv.dtype), None, dsink.astype(sink.dtype)

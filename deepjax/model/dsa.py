@@ -78,6 +78,7 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     if cache is not None:
       cache = cache.write(c_kv, k_rope, index_keys, positions)
     from_cache = cache is not None and not prefill
+    q = self.absorbed_query(q_nope, q_rope)                  # the MQA form's query
     selection = None
     if self.cfg.dsa_attention == "dense":
       o = (self.absorbed(q_nope, q_rope, cache, positions) if from_cache
@@ -85,14 +86,14 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     elif from_cache:   # decoding: the keys are the cache's entries 0..S-1
       key_positions = jnp.broadcast_to(jnp.arange(cache.latent.shape[1]), cache.latent.shape[:2])
       indices, _ = self.indexer(h_index, c_q_index, positions, cache.index_keys, key_positions)
-      o = self.sparse(self.absorbed_query(q_nope, q_rope), cache.latent, cache.rope, indices)
+      o = self.sparse(q, cache.latent, cache.rope, indices)
     else:              # training and prefill: the keys are this call's tokens
       selection = self.indexer(h_index, c_q_index, positions, index_keys, positions, segment_ids)
-      o = self.sparse(self.absorbed_query(q_nope, q_rope), c_kv, k_rope, selection[0])
+      o = self.sparse(q, c_kv, k_rope, selection[0])
     loss = None
     if cache is None:
-      loss = self.indexer_loss(self.absorbed_query(q_nope, q_rope), c_kv, k_rope, h_index,
-                               c_q_index, positions, index_keys, segment_ids, selection)
+      loss = self.indexer_loss(q, c_kv, k_rope, h_index, c_q_index, positions, index_keys,
+                               segment_ids, selection)
     return self.o_proj(o.reshape(b, t, -1)), cache, loss
 
   def absorbed_query(self, q_nope, q_rope):

@@ -35,10 +35,16 @@ class IndexerStats:
 
 
 def indexer_stats(main_scores, index_scores, valid, token_mask=None, top_k=None):
-  """IndexerStats from the main attention's scaled logits main_scores [B,T,H,N] and the
-  indexer's index_scores [B,T,N] over each query's keys (valid [B,T,N]); recall when top_k is
-  given (the key set is every visible key). Means over query tokens (token_mask: False on
-  padding)."""
+  """The indexer's training loss (V3.2 eqs. 3-4) and recall, means over query tokens:
+
+    L_I = KL(p_t || softmax(I_t)),   p_t = L1-normalised sum over heads of softmax(main scores)
+
+  over each query's key set: every visible key in the dense warm-up (eq. 3), the selected
+  keys S_t in the sparse stage (eq. 4). main_scores [B,T,H,N] (the main attention's scaled
+  logits; a target, so no gradient flows back), index_scores [B,T,N], valid [B,T,N] bool,
+  token_mask [B,T] (False: padding, left out). recall when top_k is given (the key set is every
+  visible key).
+  """
   kl, target, rows = _kl(main_scores, index_scores, valid, token_mask)
   mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
   recall = None
@@ -48,19 +54,6 @@ def indexer_stats(main_scores, index_scores, valid, token_mask=None, top_k=None)
     mass = jnp.take_along_axis(target, where, axis=-1)
     recall = mean(jnp.sum(jnp.where(picked > -jnp.inf, mass, 0.0), axis=-1))
   return IndexerStats(kl=mean(kl), recall=recall)
-
-
-def indexer_kl(main_scores, index_scores, valid, token_mask=None):
-  """The indexer's training loss (V3.2 eqs. 3-4), mean over query tokens:
-
-    L_I = KL(p_t || softmax(I_t)),   p_t = L1-normalised sum over heads of softmax(main scores)
-
-  over each query's key set: every visible key in the dense warm-up (eq. 3), the selected
-  keys S_t in the sparse stage (eq. 4). main_scores [B,T,H,N] (the main attention's scaled
-  logits; a target, so no gradient flows back), index_scores [B,T,N], valid [B,T,N] bool,
-  token_mask [B,T] (False: padding, left out) -> float32 scalar.
-  """
-  return indexer_stats(main_scores, index_scores, valid, token_mask).kl
 
 
 def _kl(main_scores, index_scores, valid, token_mask):
