@@ -33,8 +33,9 @@ from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
 
 
 def sparse_attention_fn(impl: str):
-  """Sparse MQA attention behind `attention_impl`: the Pallas kernel or the XLA gather form."""
-  return pk.sparse_mqa_attention if impl == "pallas" else pk.reference.sparse_mqa_attention
+  """Sparse MQA attention behind `attention_impl`: the Pallas kernel or the XLA gather form
+  (query chunks)."""
+  return pk.sparse_mqa_attention if impl == "pallas" else pk.xla_sparse.sparse_mqa_attention
 
 
 @flax.struct.dataclass
@@ -127,7 +128,6 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     else:
       indices, scores = selection
       valid = indices >= 0
-      rows = jax.vmap(lambda x, i: x[i])(kv, jnp.where(valid, indices, 0))   # [B,T,K,D]
-      main = jnp.einsum("bthd,btkd->bthk", q, rows, preferred_element_type=jnp.float32)
+      main = pk.xla_sparse.selected_logits(q, kv, indices)                  # [B,T,H,K]
     return indexer_stats(main * self.cfg.softmax_scale, scores, valid, token_mask,
                          self.cfg.index_topk if selection is None else None)

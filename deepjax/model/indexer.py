@@ -70,8 +70,8 @@ def _kl(main_scores, index_scores, valid, token_mask):
 
 def indexer_fn(impl: str):
   """The top-k selection behind `attention_impl`: Pallas score tiles with a running top-k, or
-  the dense XLA reference (scores [B, T, S])."""
-  return pk.lightning_indexer if impl == "pallas" else pk.reference.lightning_indexer
+  XLA's top-k over query chunks' scores [B, chunk, S]."""
+  return pk.lightning_indexer if impl == "pallas" else pk.xla_sparse.lightning_indexer
 
 
 class LightningIndexer(nnx.Module):

@@ -8,6 +8,7 @@ the command, date, JAX version and machine), `results.json` and PNG plots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -118,7 +119,8 @@ def _source(spec: str, split: str):
   return data.TextFileSource(spec)
 
 
-def _datasets(run: Run):
+def datasets(run: Run):
+  """(run's training iterator, a function giving a fresh iterator of held-out batches)."""
   tokenizer = data.load_tokenizer(TOKENIZER.value)
   def dataset(source, seed, shuffle):
     return data.make_dataset(source, tokenizer, seq_len=run.train.seq_len,
@@ -138,7 +140,7 @@ def train_run(run: Run, root: str) -> dict:
   """Trains `run` in root/<name> (resuming if a checkpoint is there) and returns its record:
   sizes from deepjax.accounting, wall time, every logged metrics line, and the last eval."""
   workdir = os.path.join(root, run.name)
-  train_data, make_eval = _datasets(run)
+  train_data, make_eval = datasets(run)
   print(f"\n== {run.name}")
   start = time.perf_counter()
   train(run.model, run.train, workdir, train_data, make_eval)
@@ -160,11 +162,19 @@ def curves(trained: list[dict], keys: tuple[str, ...]) -> dict:
           for run in trained}
 
 
-def train_runs(runs: list[Run]) -> list[dict]:
-  """Trains the runs one after another; workdirs under --workdir_root or a temporary folder."""
+@contextlib.contextmanager
+def workdir_root():
+  """The folder the runs' workdirs go under: --workdir_root, or a temporary one deleted after."""
   if WORKDIR_ROOT.value:
-    return [train_run(run, WORKDIR_ROOT.value) for run in runs]
-  with tempfile.TemporaryDirectory() as root:
+    yield WORKDIR_ROOT.value
+  else:
+    with tempfile.TemporaryDirectory() as root:
+      yield root
+
+
+def train_runs(runs: list[Run]) -> list[dict]:
+  """Trains the runs one after another, each in <workdir_root>/<name>."""
+  with workdir_root() as root:
     return [train_run(run, root) for run in runs]
 
 
