@@ -89,20 +89,25 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True,
-                              layer: int = 0) -> float:
-  """Forward FLOPs of q.k and p.v per token in one layer, averaged over a sequence. V3.2's
-  sparse attention: the absorbed form (q.k over d_c + d_h^R, p.v over d_c) on each query's
-  min(index_topk, visible) keys, plus the indexer's H_I D_I dots over every visible key."""
+                              layer: int = 0, absorbed: bool = False) -> float:
+  """Forward FLOPs of q.k and p.v per token in one layer, averaged over a sequence (causal)
+  or for a query that sees all seq_len keys (a decoding step: causal=False). Dense MLA in its
+  expanded form (q.k over d_h + d_h^R, p.v over d_h), or with `absorbed` in its absorbed form
+  as decoding runs it (q.k over d_c + d_h^R, p.v over d_c; V2 §2.1.2). V3.2's sparse attention:
+  the absorbed form on each query's min(index_topk, visible) keys, plus the indexer's H_I D_I
+  dots over every visible key."""
   visible = (seq_len + 1) / 2 if causal else seq_len
+  width = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim          # the absorbed form's q.k + p.v
   if cfg.attention_kind(layer) != "dsa" or cfg.dsa_attention == "dense":
-    return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * visible
+    if not absorbed:
+      width = cfg.qk_head_dim + cfg.v_head_dim
+    return 2 * cfg.num_attention_heads * width * visible
   k = cfg.index_topk
   if causal:   # mean over t = 1..T of min(t, k)
     n = min(k, seq_len)
     selected = (n * (n + 1) / 2 + (seq_len - n) * k) / seq_len
   else:
     selected = min(k, seq_len)
-  width = 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim
   return (2 * cfg.num_attention_heads * width * selected
           + 2 * cfg.index_n_heads * cfg.index_head_dim * visible)
 

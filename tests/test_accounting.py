@@ -64,6 +64,16 @@ def test_v32_sparse_attention_flops_follow_index_topk():
   assert 0.25 < ratio < 0.33, ratio
   assert accounting.attention_flops_per_token(dense, long) == pytest.approx(
       accounting.attention_flops_per_token(dj.ModelConfig.preset("v3"), long))
+  # Decoding at 128k: dense MLA runs absorbed over all 131,072 keys, DSA over 2048 plus the
+  # indexer's dots: 1/13.4 of the work. The expanded form would need 3.4x fewer FLOPs than the
+  # absorbed one (d_h + d_h^R + d_h = 320 against 2 d_c + d_h^R = 1088 per head and key).
+  dense_step = accounting.attention_flops_per_token(dense, long, causal=False, absorbed=True)
+  assert dense_step == 2 * 128 * width * long
+  sparse_step = accounting.attention_flops_per_token(v32, long, causal=False, absorbed=True)
+  assert sparse_step == 2 * 128 * width * 2048 + 2 * 64 * 128 * long
+  assert 13 < dense_step / sparse_step < 14
+  assert dense_step / accounting.attention_flops_per_token(dense, long, causal=False) == \
+      pytest.approx(width / 320)
 
 
 def test_small_preset_is_about_100m():

@@ -20,7 +20,7 @@ from deepjax.train.loss import batch_balance_loss, prediction_counts, training_l
 from deepjax.train.step import ObjectiveConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("kv_cache", "aux_loss_free", "moe_ablation", "mtp")
+SCRIPTS = ("kv_cache", "aux_loss_free", "moe_ablation", "mtp", "dsa")
 MAX_PNG_BYTES = 200_000
 
 
@@ -114,6 +114,40 @@ def test_mtp(outputs):
   assert 0 <= mtp["mtp_accuracy"] <= 1 and 0 <= mtp["mtp_agreement"] <= 1
   assert math.isfinite(mtp["mtp_loss"])
   assert "MTP accuracy (t+2)" in table
+
+
+def test_dsa(outputs):
+  results, table = finished(outputs, "dsa")
+  runs = {r["name"]: r for r in results["runs"]}
+  assert list(runs) == ["V3 (dense MLA)", "dense warm-up (indexer only)", "sparse stage (DSA)",
+                        "dense continuation"]
+  v3, warm = runs["V3 (dense MLA)"], runs["dense warm-up (indexer only)"]
+  assert warm["total_params"] > v3["total_params"]                # the indexers are new
+  gap = runs["sparse stage (DSA)"]["final"]["eval_lm_loss"] - \
+      runs["dense continuation"]["final"]["eval_lm_loss"]
+  assert results["sparse_minus_dense_loss"] == pytest.approx(gap)
+  assert [r["when"] for r in results["recall"]] == [
+      "before warm-up (fresh indexers)", "after warm-up", "after the sparse stage"]
+  for r in results["recall"]:
+    assert 0 < r["random_recall"] <= 1 and 0 < r["recall"] <= 1 + 1e-6
+    assert r["indexer_kl"] >= 0 and r["tokens"] == 2 * 32     # one held-out batch of 2 x 32
+  # The random choice's recall: each query sees min(k, t + 1) of its t + 1 keys (one document
+  # per row or several: at least the single-document value).
+  assert results["recall"][0]["random_recall"] >= np.mean(
+      [min(8, t + 1) / (t + 1) for t in range(32)]) - 1e-9
+  warm_curve = results["curves"]["dense warm-up (indexer only)"]
+  assert all("indexer_recall" in c and "indexer_kl" in c for c in warm_curve)
+  assert all("indexer_kl" in c and "indexer_recall" not in c
+             for c in results["curves"]["sparse stage (DSA)"])
+  measured = results["cost"]["measured"]
+  assert {(r["kind"], r["length"]) for r in measured} == {("dense", 64), ("dsa", 64)}
+  for r in measured:
+    assert r["prefill_seconds"] > 0 and r["decode_seconds"] > 0 and r["train_seconds"] > 0
+    assert r["train_bytes"] > 0
+  flops = {f["length"]: f for f in results["cost"]["v32_flops"]}
+  assert flops[131072]["dense_decode"] / flops[131072]["dsa_decode"] > 13
+  assert flops[4096]["dsa_prefill"] > flops[4096]["dense_prefill"]   # the indexer's overhead
+  assert "Recall" in table and "dense/DSA" in table
 
 
 # --- library pieces the scripts need -------------------------------------------------------

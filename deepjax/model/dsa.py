@@ -40,22 +40,31 @@ def sparse_attention_fn(impl: str):
 
 @flax.struct.dataclass
 class DSACache:
-  """One DSA layer's cache: MLA's latent and rope key plus the indexer key [B, S, D_I]
-  (LayerNorm'd, RoPE'd), transformers' DynamicIndexedLayer."""
-  latent: jax.Array
-  rope: jax.Array
+  """One DSA layer's cache: MLA's latent and rope key side by side, kv [B, S, d_c + d_R] (the
+  rows sparse attention gathers, so decoding never copies the cache to join them), and the
+  indexer key index_keys [B, S, D_I] (LayerNorm'd, RoPE'd; transformers' DynamicIndexedLayer)."""
+  kv: jax.Array
   index_keys: jax.Array
+  latent_dim: int = flax.struct.field(pytree_node=False)
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> DSACache:
-    mla = MLACache.zeros(cfg, batch, max_len, dtype)
-    return cls(latent=mla.latent, rope=mla.rope,
-               index_keys=jnp.zeros((batch, max_len, cfg.index_head_dim), dtype))
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return cls(kv=jnp.zeros((batch, max_len, width), dtype),
+               index_keys=jnp.zeros((batch, max_len, cfg.index_head_dim), dtype),
+               latent_dim=cfg.kv_lora_rank)
 
-  def write(self, c_kv, k_rope, index_keys, positions) -> DSACache:
-    return DSACache(latent=write_rows(self.latent, c_kv, positions),
-                    rope=write_rows(self.rope, k_rope, positions),
-                    index_keys=write_rows(self.index_keys, index_keys, positions))
+  @property
+  def latent(self) -> jax.Array:
+    return self.kv[..., :self.latent_dim]
+
+  @property
+  def rope(self) -> jax.Array:
+    return self.kv[..., self.latent_dim:]
+
+  def write(self, kv, index_keys, positions) -> DSACache:
+    return self.replace(kv=write_rows(self.kv, kv, positions),
+                        index_keys=write_rows(self.index_keys, index_keys, positions))
 
 
 class DeepSeekSparseAttention(MultiHeadLatentAttention):
@@ -74,10 +83,11 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     c_q = self.query_latent(x)
     q_nope, q_rope = self.query_heads(c_q, positions)
     c_kv, k_rope = self.latent(x, positions)
+    kv = jnp.concatenate([c_kv, k_rope.astype(c_kv.dtype)], axis=-1)   # one MQA head's rows
     h_index, c_q_index = jax.lax.stop_gradient((x, c_q))     # the indexer's detached input
     index_keys = self.indexer.keys(h_index, positions)
     if cache is not None:
-      cache = cache.write(c_kv, k_rope, index_keys, positions)
+      cache = cache.write(kv, index_keys, positions)
     from_cache = cache is not None and not prefill
     q = self.absorbed_query(q_nope, q_rope)                  # the MQA form's query
     selection = None
@@ -85,16 +95,16 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
       o = (self.absorbed(q_nope, q_rope, cache, positions) if from_cache
            else self.expanded(q_nope, q_rope, c_kv, k_rope, segment_ids))
     elif from_cache:   # decoding: the keys are the cache's entries 0..S-1
-      key_positions = jnp.broadcast_to(jnp.arange(cache.latent.shape[1]), cache.latent.shape[:2])
+      key_positions = jnp.broadcast_to(jnp.arange(cache.kv.shape[1]), cache.kv.shape[:2])
       indices, _ = self.indexer(h_index, c_q_index, positions, cache.index_keys, key_positions)
-      o = self.sparse(q, cache.latent, cache.rope, indices)
+      o = self.sparse(q, cache.kv, indices)
     else:              # training and prefill: the keys are this call's tokens
       selection = self.indexer(h_index, c_q_index, positions, index_keys, positions, segment_ids)
-      o = self.sparse(q, c_kv, k_rope, selection[0])
+      o = self.sparse(q, kv, selection[0])
     loss = None
     if cache is None:
-      loss = self.indexer_loss(q, c_kv, k_rope, h_index, c_q_index, positions, index_keys,
-                               segment_ids, selection)
+      loss = self.indexer_loss(q, kv, h_index, c_q_index, positions, index_keys, segment_ids,
+                               selection)
     return self.o_proj(o.reshape(b, t, -1)), cache, loss
 
   def absorbed_query(self, q_nope, q_rope):
@@ -103,20 +113,18 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     q_latent = jnp.einsum("bthd,chd->bthc", q_nope, w_uk)
     return jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)
 
-  def sparse(self, q, latent, rope, indices):
-    """Absorbed MLA of q [B,T,H,d_c+d_R] over each query's selected entries of latent
-    [B,S,d_c] and rope [B,S,d_R] -> [B, T, H, v_head_dim]."""
-    kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
+  def sparse(self, q, kv, indices):
+    """Absorbed MLA of q [B,T,H,d_c+d_R] over each query's selected rows of kv
+    [B,S,d_c+d_R] (latent | rope key) -> [B, T, H, v_head_dim]."""
     o_latent = sparse_attention_fn(self.cfg.attention_impl)(
-        q, kv, indices, d_v=self.cfg.kv_lora_rank, sm_scale=self.cfg.softmax_scale)
+        q, kv.astype(q.dtype), indices, d_v=self.cfg.kv_lora_rank, sm_scale=self.cfg.softmax_scale)
     return jnp.einsum("bthc,chv->bthv", o_latent, self.absorbed_weights()[1])   # W^UV
 
-  def indexer_loss(self, q, latent, rope, h, c_q, positions, index_keys, segment_ids,
-                   selection):
+  def indexer_loss(self, q, kv, h, c_q, positions, index_keys, segment_ids, selection):
     """IndexerStats by V3.2 eq. 3 (selection None: every visible key, the dense warm-up, with
     the recall of the indexer's top-k) or eq. 4 (the selected keys and their differentiable
     indexer scores), against this layer's main attention logits in the absorbed form."""
-    kv = jnp.concatenate([latent, rope], axis=-1).astype(q.dtype)
+    kv = kv.astype(q.dtype)
     token_mask = None if segment_ids is None else segment_ids != 0
     if selection is None:
       main = jnp.einsum("bthd,bsd->bths", q, kv, preferred_element_type=jnp.float32)

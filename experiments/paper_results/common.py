@@ -143,7 +143,11 @@ def train_run(run: Run, root: str) -> dict:
   train_data, make_eval = datasets(run)
   print(f"\n== {run.name}")
   start = time.perf_counter()
-  train(run.model, run.train, workdir, train_data, make_eval)
+  # config.json as experiments/train.py writes it (the optimizer's fields at the top), so that
+  # another run can start from this one (restore.initialise_from).
+  resolved = {**dataclasses.asdict(run.train.optimizer),
+              **{k: v for k, v in dataclasses.asdict(run.train).items() if k != "optimizer"}}
+  train(run.model, run.train, workdir, train_data, make_eval, resolved_config=resolved)
   seconds = time.perf_counter() - start
   records = read_metrics(workdir)
   final = next(r for r in reversed(records) if "eval_lm_loss" in r)
