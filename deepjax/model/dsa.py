@@ -27,8 +27,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
+from pallas_kernels.tiling import QueryChunks
 from deepjax.config import ModelConfig
-from deepjax.model.indexer import IndexerStats, LightningIndexer, indexer_stats
+from deepjax.model.indexer import (IndexerStats, LightningIndexer, indexer_stats,
+                                   per_query_stats)
 from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
 
 
@@ -125,17 +127,37 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     the recall of the indexer's top-k) or eq. 4 (the selected keys and their differentiable
     indexer scores), against this layer's main attention logits in the absorbed form."""
     kv = kv.astype(q.dtype)
-    token_mask = None if segment_ids is None else segment_ids != 0
     if selection is None:
-      main = jnp.einsum("bthd,bsd->bths", q, kv, preferred_element_type=jnp.float32)
-      valid = positions[:, None, :] <= positions[:, :, None]
-      if segment_ids is not None:
-        valid &= segment_ids[:, None, :] == segment_ids[:, :, None]
       index_q, weights = self.indexer.queries(h, c_q, positions)
-      scores = pk.reference.indexer_scores(index_q, index_keys.astype(index_q.dtype), weights)
-    else:
-      indices, scores = selection
-      valid = indices >= 0
-      main = pk.xla_sparse.selected_logits(q, kv, indices)                  # [B,T,H,K]
-    return indexer_stats(main * self.cfg.softmax_scale, scores, valid, token_mask,
-                         self.cfg.index_topk if selection is None else None)
+      return self.dense_indexer_stats(q, kv, index_q, weights, index_keys, positions,
+                                      segment_ids)
+    indices, scores = selection
+    main = pk.xla_sparse.selected_logits(q, kv, indices)                    # [B,T,H,K]
+    token_mask = None if segment_ids is None else segment_ids != 0
+    return indexer_stats(main * self.cfg.softmax_scale, scores, indices >= 0, token_mask)
+
+  def dense_indexer_stats(self, q, kv, index_q, weights, index_keys, positions, segment_ids):
+    """Eq. 3's IndexerStats over every visible key, with the recall of the indexer's top-k, a
+    chunk of queries at a time (each rematerialised in the backward pass): the main logits
+    [B, chunk, H, S] and index scores [B, chunk, S] of one chunk live at once, never
+    O(T · H · S)."""
+    b, t, h, _ = q.shape
+    s = kv.shape[1]
+    chunks = QueryChunks.of(t, pk.xla_sparse.query_chunk(4 * s * (h + 4)))
+    segments = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+    index_keys = index_keys.astype(index_q.dtype)
+
+    def sums(q_c, index_q_c, weights_c, positions_c, segments_c):
+      main = jnp.einsum("bthd,bsd->bths", q_c, kv, preferred_element_type=jnp.float32)
+      valid = ((positions[:, None, :] <= positions_c[:, :, None])
+               & (segments[:, None, :] == segments_c[:, :, None]))
+      scores = pk.reference.indexer_scores(index_q_c, index_keys, weights_c)
+      kl, recall, rows = per_query_stats(main * self.cfg.softmax_scale, scores, valid,
+                                         segments_c != 0, self.cfg.index_topk)
+      return jnp.stack([jnp.sum(jnp.where(rows, kl, 0.0)),
+                        jnp.sum(jnp.where(rows, recall, 0.0)), jnp.sum(rows)])
+
+    per_chunk = jax.lax.map(jax.checkpoint(lambda args: sums(*args)),
+                            [chunks.split(x) for x in (q, index_q, weights, positions, segments)])
+    kl, recall, rows = jnp.sum(per_chunk, axis=0)
+    return IndexerStats(kl=kl / jnp.maximum(rows, 1), recall=recall / jnp.maximum(rows, 1))

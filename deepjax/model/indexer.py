@@ -45,15 +45,22 @@ def indexer_stats(main_scores, index_scores, valid, token_mask=None, top_k=None)
   token_mask [B,T] (False: padding, left out). recall when top_k is given (the key set is every
   visible key).
   """
-  kl, target, rows = _kl(main_scores, index_scores, valid, token_mask)
+  kl, recall, rows = per_query_stats(main_scores, index_scores, valid, token_mask, top_k)
   mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
+  return IndexerStats(kl=mean(kl), recall=None if recall is None else mean(recall))
+
+
+def per_query_stats(main_scores, index_scores, valid, token_mask=None, top_k=None):
+  """`indexer_stats` per query: (KL [B,T], recall [B,T] or None, the queries that count
+  [B,T])."""
+  kl, target, rows = _kl(main_scores, index_scores, valid, token_mask)
   recall = None
   if top_k is not None:
     picked, where = jax.lax.top_k(jnp.where(valid, index_scores, -jnp.inf),
                                   min(top_k, index_scores.shape[-1]))
     mass = jnp.take_along_axis(target, where, axis=-1)
-    recall = mean(jnp.sum(jnp.where(picked > -jnp.inf, mass, 0.0), axis=-1))
-  return IndexerStats(kl=mean(kl), recall=recall)
+    recall = jnp.sum(jnp.where(picked > -jnp.inf, mass, 0.0), axis=-1)
+  return kl, recall, rows
 
 
 def _kl(main_scores, index_scores, valid, token_mask):
