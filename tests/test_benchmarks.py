@@ -135,6 +135,18 @@ def test_sparse_scaling_smoke_prints_both_tables():
   assert len(growth) == 1 and all(float(x) > 0 for x in growth[0][1:])
 
 
+@pytest.mark.slow
+def test_optimizer_compare_smoke_trains_both_optimizers():
+  out = run_benchmark("optimizer_compare.py", "--smoke")
+  rows = [line.strip("|").split("|") for line in out.splitlines()
+          if line.startswith("| adamw") or line.startswith("| muon")]
+  assert [row[0].strip() for row in rows] == ["adamw", "muon"]
+  adamw, muon = ({"steps": int(r[1]), "state": float(r[6])} for r in rows)
+  assert adamw["steps"] == muon["steps"] == 4
+  # Muon keeps one moment per matrix where AdamW keeps two.
+  assert muon["state"] < 0.75 * adamw["state"]
+
+
 def test_sparse_indices_are_causal_with_the_window_first():
   """Queries that see at most K keys take them all, latest first; later ones their window of
   latest keys, then earlier visible ones."""

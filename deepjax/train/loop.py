@@ -25,7 +25,8 @@ from deepjax.parallel import batch_sharding, check_divisibility, make_mesh
 from deepjax.train.balance import max_violation
 from deepjax.train.metrics import MetricsWriter, Progress
 from deepjax.train.mfu import mfu, peak_flops_per_device
-from deepjax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from deepjax.train.optimizer import (OptimizerConfig, check_range, learning_rate_schedule,
+                                     make_optimizer)
 from deepjax.train.restore import initialise_from
 from deepjax.train.state import (abstract_train_state, init_train_state, restore_target,
                                  state_shardings)
@@ -48,6 +49,12 @@ class TrainConfig:
                                                            "tensor": 1})
   optimizer: OptimizerConfig = OptimizerConfig()
   objective: ObjectiveConfig = ObjectiveConfig()
+
+  def __post_init__(self):
+    for field, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("log_every", 1),
+                       ("eval_every", 0), ("eval_steps", 0), ("checkpoint_every", 1),
+                       ("keep_checkpoints", 1)):
+      check_range(field, getattr(self, field), low)
 
 
 class NonFiniteLoss(FloatingPointError):
