@@ -83,12 +83,13 @@ def run():
 
   summary = train(model_cfg, train_cfg, _WORKDIR.value, train_data, make_eval,
                   resolved_config=config.to_dict())
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not summary["already_done"]:
     records = read_metrics(_WORKDIR.value)
     figures = plots.run_plots(_WORKDIR.value, records) if records else []
-    print(f"\ndone at step {summary['step']}: final loss {summary['final_loss']}, eval LM loss "
-          f"{summary['eval_lm_loss']}, {summary['tokens_per_sec'] or 0:,.0f} tokens/s, "
-          f"MFU {100 * (summary['mfu'] or 0):.1f}%")
+    loss = lambda value: "–" if value is None else f"{value:.4f}"  # noqa: E731
+    print(f"\ndone at step {summary['step']}: final loss {loss(summary['final_loss'])}, eval LM "
+          f"loss {loss(summary['eval_lm_loss'])}, {summary['tokens_per_sec'] or 0:,.0f} "
+          f"tokens/s, MFU {100 * (summary['mfu'] or 0):.1f}%")
     print(f"checkpoints: {summary['checkpoints']}")
     print(f"metrics: {os.path.join(_WORKDIR.value, 'metrics.jsonl')}, TensorBoard: "
           f"{os.path.join(_WORKDIR.value, 'tensorboard')}, plots: {', '.join(figures)}")

@@ -231,6 +231,14 @@ def test_restore_into_other_model_fails_and_keeps_workdir(tmp_path):
         resolved_config=config.to_dict(), log=lambda s: None)
   before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(tmp_path)
             for p in fs}
+  # The same run again: already finished, it says so and writes nothing.
+  said = []
+  summary = train(model_cfg, train_cfg, str(tmp_path), synthetic_data(config),
+                  resolved_config=config.to_dict(), log=said.append)
+  assert summary["already_done"] and summary["step"] == 4
+  assert said == [f"already at step 4 of 4 in {tmp_path}; raise --config.steps to continue"]
+  assert {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(tmp_path)
+          for p in fs} == before
   other = fast_config(steps=8, batch_size=8)
   other.model.n_routed_experts = 4
   other_model, other_train = resolve(other)
@@ -388,6 +396,20 @@ def test_checkpoint_restores_on_another_mesh(tmp_path):
   assert sorted(resumed) == list(range(1, 9))
   np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
                              [straight[s] for s in range(1, 9)], rtol=1e-4)
+
+
+def test_eta_leaves_compilation_out_once_steady_steps_are_seen(monkeypatch):
+  """The first update's window holds compilation (100 s here): its ETA is an overestimate;
+  from the second update on the ETA counts only the steps after the first (1 s each)."""
+  clock = iter([0.0, 100.0, 101.0])
+  monkeypatch.setattr("deepjax.train.metrics.time.perf_counter", lambda: next(clock))
+  stream = io.StringIO()
+  progress = Progress(total_steps=10, start_step=0, stream=stream)
+  record = dict(loss=2.5, tokens_per_sec=1000.0, mfu=0.1)
+  progress.update(1, record)
+  progress.update(2, record)
+  first, second = stream.getvalue().splitlines()
+  assert first.endswith("ETA 15:00") and second.endswith("ETA 0:08")
 
 
 def test_progress_line_shows_balance_and_dropped_copies():

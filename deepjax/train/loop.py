@@ -171,6 +171,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
   checkpoints = CheckpointManager(os.path.join(workdir, "checkpoints"),
                                   keep=cfg.keep_checkpoints)
   latest = checkpoints.latest_step()
+  if latest is not None and latest >= cfg.steps:     # nothing to do: touch nothing
+    checkpoints.close()
+    log(f"already at step {latest} of {cfg.steps} in {workdir}; raise --config.steps to "
+        f"continue")
+    return {"step": latest, "final_loss": None, "eval_lm_loss": None, "tokens_per_sec": None,
+            "mfu": None, "checkpoints": checkpoints.directory, "preempted": False,
+            "already_done": True}
   if latest is not None:
     graphdef, abstract = abstract_train_state(model_cfg, tx, cfg.seed)
     shardings = state_shardings(abstract, mesh)
@@ -279,5 +286,5 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, workdir: str, train_data,
              "eval_lm_loss": record.get("eval_lm_loss"),
              "tokens_per_sec": float(np.median(throughput)) if throughput else None,
              "mfu": record.get("mfu"), "checkpoints": checkpoints.directory,
-             "preempted": stop.requested}
+             "preempted": stop.requested, "already_done": False}
   return summary

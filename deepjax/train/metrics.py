@@ -73,11 +73,17 @@ class Progress:
     self.total, self.start = total_steps, start_step
     self.stream, self.width = stream, width
     self.started = time.perf_counter()
+    self.first = None       # (time, step) of the first update: compilation lies before it
 
   def update(self, step: int, record: dict) -> None:
-    done = (step - self.start) / max(self.total - self.start, 1)
-    elapsed = time.perf_counter() - self.started
-    eta = elapsed / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
+    now = time.perf_counter()
+    if self.first is None or step <= self.first[1]:
+      # Only the first window is known, compilation included: an overestimate.
+      done = (step - self.start) / max(self.total - self.start, 1)
+      eta = (now - self.started) / max(done, 1e-9) * (1 - done) if done > 0 else float("nan")
+      self.first = self.first or (now, step)
+    else:   # steady steps since the first update
+      eta = (now - self.first[0]) / (step - self.first[1]) * (self.total - step)
     filled = int(self.width * step / max(self.total, 1))
     bar = "#" * filled + "." * (self.width - filled)
     parts = [f"[{bar}] step {step}/{self.total}", f"loss {record['loss']:.4f}"]
