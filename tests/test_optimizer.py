@@ -19,8 +19,11 @@ LR = 1e-2
 
 
 def _params():
+  """The tiny preset's parameters (with an MTP module) as zeros: shapes and paths are what
+  the optimizer reads."""
   cfg = dj.ModelConfig.preset("tiny", num_nextn_predict_layers=1)
-  return nnx.state(dj.DeepSeek(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  abstract = nnx.state(nnx.eval_shape(lambda: dj.DeepSeek(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
 
 
 def _flat(tree):
@@ -58,7 +61,7 @@ def test_first_muon_step_is_orthogonal_per_expert_with_adamw_like_rms():
   scaled = flat[gate][...].at[0].multiply(1000.0)
   flat[gate] = flat[gate].replace(scaled)
   grads = nnx.from_flat_state(flat)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   updates = dict(nnx.to_flat_state(updates))
   expert_update = np.asarray(updates[gate][...])                       # [E, in, out]
   rms = np.sqrt(np.mean(expert_update ** 2, axis=(1, 2)))

@@ -10,7 +10,8 @@ learning-rate schedule) through `deepjax.train.train`, one with `optimizer="adam
 `optimizer="muon"` at the same peak learning rate and weight decay: Muon's updates are rescaled
 to AdamW-like RMS (`muon_rms`, Moonlight's convention), which is the claim under test. Reported:
 training loss averaged over the last tenth of the steps, held-out loss at the end, median step
-time (the loop's tokens/s, compilation excluded), and the optimizer state's size.
+time (the loop's tokens/s, compilation excluded; the two runs are sequential, so a load change
+on a shared machine lands on one of them), and the optimizer state's size.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def run(name: str, model_cfg, train_cfg, workdir: str) -> dict:
   rates = [r["tokens_per_sec"] for r in records[1:] if r.get("tokens_per_sec")]
   tokens = train_cfg.batch_size * train_cfg.seq_len
   final_eval = next((r["eval_lm_loss"] for r in reversed(records) if "eval_lm_loss" in r), None)
-  return {"optimizer": name, "steps": len(losses), "records": records,
+  return {"optimizer": name, "steps": records[-1]["step"], "records": records,
           "train_loss_tail": float(np.mean(losses[-tail:])), "eval_loss": final_eval,
           "step_ms": 1e3 * tokens / float(np.median(rates)) if rates else None,
           "state_bytes": optimizer_state_bytes(model_cfg, train_cfg.optimizer)}
@@ -75,8 +76,8 @@ def run(name: str, model_cfg, train_cfg, workdir: str) -> dict:
 
 def table(rows: list[dict]) -> str:
   base = rows[0]
-  lines = ["| optimizer | steps | training loss (last 10%) | held-out loss | step time (ms) | "
-           "vs AdamW | optimizer state (MB) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| optimizer | steps | training loss (logged steps, last 10%) | held-out loss | "
+           "step time (ms) | vs AdamW | optimizer state (MB) |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     ratio = (f"{r['step_ms'] / base['step_ms']:.2f}x" if r["step_ms"] and base["step_ms"]
              else "–")
