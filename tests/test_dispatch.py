@@ -98,8 +98,8 @@ def _loss(model, tokens):
 
 
 @pytest.mark.parametrize("base", [
-    dict(SMALL_V3, num_nextn_predict_layers=1, n_routed_experts=16, n_group=8, topk_group=3,
-         num_experts_per_tok=4),
+    pytest.param(dict(SMALL_V3, num_nextn_predict_layers=1, n_routed_experts=16, n_group=8,
+                      topk_group=3, num_experts_per_tok=4), marks=pytest.mark.slow),
     SMALL_V2,
 ], ids=["v3_mtp_many_groups", "v2"])
 def test_model_blocked_matches_dense_and_ragged_logits_and_gradients(base):

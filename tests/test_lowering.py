@@ -93,6 +93,7 @@ def _compile_cases(sweep):
   return results
 
 
+@pytest.mark.slow
 def test_gpu_defaults_fit_an_h200_and_float32_defaults_do_not_spill():
   """The bfloat16 defaults are the ones timed on an H200 (decode and dk/dv spill a little;
   whether a config that does not spill is faster, only gpu_check's sweep can tell), except

@@ -97,7 +97,9 @@ def test_padding_is_left_out_of_router_stats():
   assert len(model.routers()) == cfg.num_moe_layers
 
 
-@pytest.mark.parametrize("impls", [("pallas", "pallas", "pallas"), ("pallas", "ragged_dot", "xla")])
+@pytest.mark.parametrize("impls", [
+    pytest.param(("pallas", "pallas", "pallas"), marks=pytest.mark.slow),
+    ("pallas", "ragged_dot", "xla")])
 def test_pallas_paths_give_the_same_loss_and_gradients(impls):
   base = dict(SMALL_V3, num_nextn_predict_layers=1)
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 19)), jnp.int32)

@@ -24,6 +24,7 @@ def test_committed_without_outputs():
   assert not dirty, f"code cells {dirty} hold outputs: clear them before committing"
 
 
+@pytest.mark.slow
 def test_tour_runs(tmp_path, monkeypatch):
   # A kernelspec of this interpreter, found first on JUPYTER_PATH; the user's config is untouched.
   spec = tmp_path / "jupyter" / "kernels" / KERNEL

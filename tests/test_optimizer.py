@@ -81,7 +81,7 @@ def test_optimizer_name_is_checked():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("learning_rate", -1.0), ("learning_rate", 0.0), ("learning_rate", float("nan")),
+    ("learning_rate", -1.0), ("learning_rate", float("nan")),
     ("grad_clip", -1.0), ("grad_clip", 0.0), ("warmup_steps", -3), ("min_lr_ratio", 1.5),
     ("min_lr_ratio", -0.1), ("weight_decay", -0.1), ("b2", 1.2), ("muon_rms", 0.0)])
 def test_optimizer_fields_out_of_range_are_refused_by_name(field, value):

@@ -126,10 +126,10 @@ def _single_device_steps():
 
 
 @pytest.mark.parametrize("mesh_sizes", [
-    {"data": 2, "fsdp": 4},
+    pytest.param({"data": 2, "fsdp": 4}, marks=pytest.mark.slow),
     {"data": 2, "expert": 4},
-    {"fsdp": 2, "tensor": 4},
-    {"fsdp": 2, "expert": 4},
+    pytest.param({"fsdp": 2, "tensor": 4}, marks=pytest.mark.slow),
+    pytest.param({"fsdp": 2, "expert": 4}, marks=pytest.mark.slow),
     pytest.param({"data": 2, "fsdp": 2, "expert": 2}, marks=pytest.mark.slow),
     {"fsdp": 2, "expert": 2, "tensor": 2}],
                          ids=lambda m: "_".join(m))
@@ -276,6 +276,7 @@ def _diverge(workdir, **overrides):
   return bad_step, sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   """Losses are read one step late and at log and checkpoint steps: with log_every > 1 the run
   still names the first non-finite step (the one found reading every step's loss) and never

@@ -48,7 +48,7 @@ class OptimizerConfig:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     # (field, lowest, highest, whether the lowest itself is allowed)
     for field, low, high, closed in (
-        ("learning_rate", 0.0, None, False), ("warmup_steps", 0, None, True),
+        ("learning_rate", 0.0, None, True), ("warmup_steps", 0, None, True),
         ("total_steps", 1, None, True), ("min_lr_ratio", 0.0, 1.0, True),
         ("b1", 0.0, 1.0, True), ("b2", 0.0, 1.0, True), ("eps", 0.0, None, True),
         ("weight_decay", 0.0, None, True), ("grad_clip", 0.0, None, False),
