@@ -27,8 +27,10 @@ def query_chunk(bytes_per_query: int, chunk_bytes: int = CHUNK_BYTES) -> int:
   return max(8, chunk_bytes // max(bytes_per_query, 1) // 8 * 8)
 
 
-def _chunked(fn, chunks: QueryChunks, per_query: list, fills: list):
-  """fn(*chunk of each per-query array) over the chunks: [B, T, ...] outputs."""
+def over_query_chunks(fn, chunks: QueryChunks, per_query: list, fills: list):
+  """fn(*chunk of each per-query [B, T, ...] array; padding rows filled with `fills`) under
+  `jax.lax.map`, each chunk rematerialised in the backward pass -> fn's outputs as
+  [B, T, ...]."""
   body = jax.checkpoint(lambda args: fn(*args))
   out = jax.lax.map(body, [chunks.split(x, fill) for x, fill in zip(per_query, fills)])
   return jax.tree.map(chunks.join, out)
@@ -47,7 +49,7 @@ def sparse_mqa_attention(q, kv, indices, *, d_v, sm_scale, sink=None, chunk=None
       q_c, kv, idx_c, d_v=d_v, sm_scale=sm_scale, sink=sink)
   if chunks.count == 1:
     return attend(q, indices)
-  return _chunked(attend, chunks, [q, indices], [0, -1])
+  return over_query_chunks(attend, chunks, [q, indices], [0, -1])
 
 
 def selected_logits(q, kv, indices, *, chunk=None):
@@ -65,7 +67,7 @@ def selected_logits(q, kv, indices, *, chunk=None):
 
   if chunks.count == 1:
     return logits(q, indices)
-  return _chunked(logits, chunks, [q, indices], [0, -1])
+  return over_query_chunks(logits, chunks, [q, indices], [0, -1])
 
 
 def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids=None,
@@ -86,4 +88,4 @@ def lightning_indexer(q, k, w, *, top_k, q_positions, k_positions, q_segment_ids
   per_query = [q, w, q_positions] + ([] if q_segment_ids is None else [q_segment_ids])
   if chunks.count == 1:
     return select(*per_query)
-  return _chunked(select, chunks, per_query, [0] * len(per_query))
+  return over_query_chunks(select, chunks, per_query, [0] * len(per_query))

@@ -29,7 +29,7 @@ from flax import nnx
 import pallas_kernels as pk
 from pallas_kernels.tiling import QueryChunks
 from deepjax.config import ModelConfig
-from deepjax.model.indexer import (IndexerStats, LightningIndexer, indexer_stats,
+from deepjax.model.indexer import (IndexerStats, LightningIndexer, indexer_stats, mean_stats,
                                    per_query_stats)
 from deepjax.model.mla import MLACache, MultiHeadLatentAttention, write_rows
 
@@ -147,17 +147,13 @@ class DeepSeekSparseAttention(MultiHeadLatentAttention):
     segments = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     index_keys = index_keys.astype(index_q.dtype)
 
-    def sums(q_c, index_q_c, weights_c, positions_c, segments_c):
+    def stats(q_c, index_q_c, weights_c, positions_c, segments_c):
       main = jnp.einsum("bthd,bsd->bths", q_c, kv, preferred_element_type=jnp.float32)
       valid = ((positions[:, None, :] <= positions_c[:, :, None])
                & (segments[:, None, :] == segments_c[:, :, None]))
       scores = pk.reference.indexer_scores(index_q_c, index_keys, weights_c)
-      kl, recall, rows = per_query_stats(main * self.cfg.softmax_scale, scores, valid,
-                                         segments_c != 0, self.cfg.index_topk)
-      return jnp.stack([jnp.sum(jnp.where(rows, kl, 0.0)),
-                        jnp.sum(jnp.where(rows, recall, 0.0)), jnp.sum(rows)])
+      return per_query_stats(main * self.cfg.softmax_scale, scores, valid, segments_c != 0,
+                             self.cfg.index_topk)
 
-    per_chunk = jax.lax.map(jax.checkpoint(lambda args: sums(*args)),
-                            [chunks.split(x) for x in (q, index_q, weights, positions, segments)])
-    kl, recall, rows = jnp.sum(per_chunk, axis=0)
-    return IndexerStats(kl=kl / jnp.maximum(rows, 1), recall=recall / jnp.maximum(rows, 1))
+    return mean_stats(*pk.xla_sparse.over_query_chunks(
+        stats, chunks, [q, index_q, weights, positions, segments], [0] * 5))

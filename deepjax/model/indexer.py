@@ -45,7 +45,12 @@ def indexer_stats(main_scores, index_scores, valid, token_mask=None, top_k=None)
   token_mask [B,T] (False: padding, left out). recall when top_k is given (the key set is every
   visible key).
   """
-  kl, recall, rows = per_query_stats(main_scores, index_scores, valid, token_mask, top_k)
+  return mean_stats(*per_query_stats(main_scores, index_scores, valid, token_mask, top_k))
+
+
+def mean_stats(kl, recall, rows) -> IndexerStats:
+  """IndexerStats of per-query KL and recall [B,T] (recall may be None): means over the
+  queries that count, rows [B,T]."""
   mean = lambda x: jnp.sum(jnp.where(rows, x, 0.0)) / jnp.maximum(jnp.sum(rows), 1)  # noqa: E731
   return IndexerStats(kl=mean(kl), recall=None if recall is None else mean(recall))
 

@@ -17,11 +17,11 @@ on a shared machine lands on one of them), and the optimizer state's size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
 import io
-import contextlib
 import os
 import tempfile
 

@@ -119,21 +119,26 @@ def _source(spec: str, split: str):
   return data.TextFileSource(spec)
 
 
-def datasets(run: Run):
-  """(run's training iterator, a function giving a fresh iterator of held-out batches)."""
-  tokenizer = data.load_tokenizer(TOKENIZER.value)
-  def dataset(source, seed, shuffle):
-    return data.make_dataset(source, tokenizer, seq_len=run.train.seq_len,
-                             batch_size=run.train.batch_size, seed=seed,
-                             vocab_size=run.model.vocab_size, process_index=jax.process_index(),
-                             process_count=jax.process_count(), shuffle=shuffle)
+def _dataset(run: Run, source, seed: int, shuffle: bool):
+  return data.make_dataset(source, data.load_tokenizer(TOKENIZER.value),
+                           seq_len=run.train.seq_len, batch_size=run.train.batch_size, seed=seed,
+                           vocab_size=run.model.vocab_size, process_index=jax.process_index(),
+                           process_count=jax.process_count(), shuffle=shuffle)
+
+
+def eval_data(run: Run):
+  """A function giving a fresh iterator of the held-out batches (unshuffled: every
+  evaluation sees the same ones)."""
   eval_spec = EVAL_DATA.value or ("synthetic" if DATA.value == "synthetic" else "")
   if not eval_spec:
     raise ValueError("--eval_data is required with --data other than 'synthetic'")
   eval_source = _source(eval_spec, "eval")
-  # Unshuffled: every evaluation sees the same held-out batches.
-  return dataset(_source(DATA.value, "train"), SEED.value, True), \
-      lambda: dataset(eval_source, 0, False)
+  return lambda: _dataset(run, eval_source, 0, False)
+
+
+def datasets(run: Run):
+  """(run's training iterator, a function giving a fresh iterator of held-out batches)."""
+  return _dataset(run, _source(DATA.value, "train"), SEED.value, True), eval_data(run)
 
 
 def train_run(run: Run, root: str) -> dict:

@@ -134,7 +134,7 @@ def _indexer_stats(model, tokens, positions, segment_ids):
 def held_out_indexer(model: dj.DeepSeek, run: common.Run) -> dict:
   """Recall and L_I (eq. 3) on held-out batches, means over their tokens, and the recall of k
   keys drawn at random from each query's visible ones: the mean of min(k, visible) / visible."""
-  _, make_eval = common.datasets(run)
+  make_eval = common.eval_data(run)
   k = model.cfg.index_topk
   totals = np.zeros(4)
   for _, batch in zip(range(HELD_OUT_BATCHES[common.SCALE.value]), make_eval()):
